@@ -1,0 +1,26 @@
+"""Real services for tests, benchmarks and local runs: Kafka, Redis and dramatiq workers.
+
+Every process is started by this package, bound to 127.0.0.1, and signalled only
+through the pid it was started with.
+"""
+
+from devstack.kafka import KafkaServer, build_class_archive
+from devstack.kafka_artifacts import KAFKA_VERSION, fetch_kafka
+from devstack.paths import cache_dir
+from devstack.ports import free_port, free_ports
+from devstack.process import ServiceError
+from devstack.redis import RedisServer
+from devstack.workers import DramatiqWorkers
+
+__all__ = [
+    "KAFKA_VERSION",
+    "DramatiqWorkers",
+    "KafkaServer",
+    "RedisServer",
+    "ServiceError",
+    "build_class_archive",
+    "cache_dir",
+    "fetch_kafka",
+    "free_port",
+    "free_ports",
+]

@@ -1,0 +1,355 @@
+"""Apache Kafka in single-node KRaft mode, from the official Maven Central artifacts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec
+
+from devstack.kafka_artifacts import class_archive, fetch_kafka, java_binary, kafka_libs
+from devstack.ports import HOST, free_ports
+from devstack.process import Service, ServiceError
+
+_log = logging.getLogger(__name__)
+
+JVM_OPTS = [
+    "-Xms256m",
+    "-Xmx512m",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+]
+
+_LOG4J2 = """\
+# Everything at INFO goes to the file; only warnings reach the console log.
+status = warn
+name = devstack-kafka
+
+appender.console.type = Console
+appender.console.name = CONSOLE
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+appender.console.filter.threshold.type = ThresholdFilter
+appender.console.filter.threshold.level = warn
+
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log_file}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+
+rootLogger.level = info
+rootLogger.appenderRef.console.ref = CONSOLE
+rootLogger.appenderRef.file.ref = FILE
+
+# Per-request and per-segment chatter drowns out what matters in a test log.
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = warn
+"""
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 characters).
+
+    Like Kafka's own ``Uuid.randomUuid``, ids starting with ``-`` are drawn again:
+    command-line parsers take them for options.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+class KafkaServer(Service):
+    """One Kafka process acting as broker and controller, with all its state in ``data_dir``.
+
+    Ports and the cluster id are chosen on the first start and kept in
+    ``devstack-kafka.json``, so a restart on the same data dir is the same cluster
+    at the same address. ``port`` pins the broker port; the controller port can
+    never change once the storage is formatted, because the voter set records it.
+    """
+
+    name = "kafka"
+
+    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+        super().__init__(data_dir)
+        self._requested_port = port
+        self._state: dict[str, Any] | None = self._load_state()
+        self._probe: AdminClient | None = None
+        # Set only for the run that records the class-data-sharing archive.
+        self._archive_to: Path | None = None
+
+    # -- addresses ----------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """Broker (PLAINTEXT) port; known once the server has been started or configured."""
+        return int(self._require_state()["port"])
+
+    @property
+    def controller_port(self) -> int:
+        return int(self._require_state()["controller_port"])
+
+    @property
+    def cluster_id(self) -> str:
+        return str(self._require_state()["cluster_id"])
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    # -- files --------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "devstack-kafka.json"
+
+    @property
+    def properties_file(self) -> Path:
+        return self.data_dir / "server.properties"
+
+    @property
+    def log4j_file(self) -> Path:
+        return self.data_dir / "log4j2.properties"
+
+    @property
+    def server_log(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "kraft-logs"
+
+    def _log_files(self) -> list[Path]:
+        return [self.console_log, self.server_log]
+
+    @property
+    def cmdline_markers(self) -> list[str]:
+        return ["kafka.Kafka", str(self.properties_file)]
+
+    # -- Service ------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        fetch_kafka()
+        if self._archive_to is None:
+            build_class_archive()
+        state = self._state or {}
+        if not state:
+            port, controller_port = free_ports(2)
+            state = {"cluster_id": new_cluster_id(), "port": port, "controller_port": controller_port}
+        if self._requested_port is not None:
+            state["port"] = self._requested_port
+        self._state = state
+        self.state_file.write_text(json.dumps(state, indent=2) + "\n")
+        self.properties_file.write_text(self._properties())
+        self.log4j_file.write_text(_LOG4J2.format(log_file=self.server_log))
+        if not (self.log_dir / "meta.properties").exists():
+            self._format_storage()
+
+    def _command(self) -> list[str]:
+        return [*self._java(), "kafka.Kafka", str(self.properties_file)]
+
+    def _ready(self, budget: float) -> bool:
+        if self._probe is None:
+            self._probe = AdminClient(
+                {
+                    "bootstrap.servers": self.bootstrap_servers,
+                    # Retry fast while the port is still closed, instead of backing off to 10 s.
+                    "reconnect.backoff.ms": 50,
+                    "reconnect.backoff.max.ms": 250,
+                },
+                logger=_QUIET,
+                error_cb=_ignore_error,
+            )
+        try:
+            metadata = self._probe.list_topics(timeout=max(budget, 0.2))
+        except KafkaException:
+            return False
+        if not metadata.brokers:
+            return False
+        # After a restart the broker answers metadata before it leads its
+        # partitions again, and its metadata names a leader slightly before the
+        # partition can serve; clients would get NOT_LEADER errors meanwhile. So
+        # every partition must have a leader that answers a ListOffsets request.
+        partitions: list[TopicPartition] = []
+        for name, topic in metadata.topics.items():
+            if topic.error is not None or any(p.leader < 0 or p.error is not None for p in topic.partitions.values()):
+                return False
+            partitions += [TopicPartition(name, p) for p in topic.partitions]
+        if partitions:
+            futures = self._probe.list_offsets(
+                {tp: _LATEST for tp in partitions}, request_timeout=max(budget, 0.5)
+            )
+            try:
+                for future in futures.values():
+                    future.result()
+            except KafkaException:
+                return False
+        self._probe = None
+        return True
+
+    def start(self, timeout: float = 120) -> float:
+        """Format storage on first use, launch the broker and wait until it serves metadata.
+
+        Ready means a metadata request lists this broker and every partition of every
+        existing topic has a leader. Returns the seconds from launch to ready.
+        """
+        self._probe = None
+        try:
+            return super().start(timeout)
+        finally:
+            self._probe = None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any] | None:
+        try:
+            loaded = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return None
+        if not isinstance(loaded, dict):
+            raise ServiceError(f"{self.state_file} is not a JSON object")
+        return loaded
+
+    def _require_state(self) -> dict[str, Any]:
+        if self._state is None:
+            raise ServiceError(f"Kafka in {self.data_dir} has no ports yet: start it first")
+        return self._state
+
+    def _java(self) -> list[str]:
+        sharing: list[str] = []
+        if self._archive_to is not None:
+            sharing = [f"-XX:ArchiveClassesAtExit={self._archive_to}"]
+        elif class_archive().exists():
+            # Loading pre-parsed classes saves about 40% of the start-up time.
+            sharing = [f"-XX:SharedArchiveFile={class_archive()}"]
+        return [
+            java_binary(),
+            *JVM_OPTS,
+            *sharing,
+            f"-Dlog4j2.configurationFile={self.log4j_file}",
+            f"-Dkafka.logs.dir={self.data_dir}",
+            "-cp",
+            str(kafka_libs() / "*"),  # expanded by the JVM, not a shell
+        ]
+
+    def _properties(self) -> str:
+        broker = f"{HOST}:{self.port}"
+        controller = f"{HOST}:{self.controller_port}"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            # Dynamic quorum: `format --standalone` makes this node the only voter.
+            "controller.quorum.bootstrap.servers": controller,
+            "controller.listener.names": "CONTROLLER",
+            "listeners": f"PLAINTEXT://{broker},CONTROLLER://{controller}",
+            "advertised.listeners": f"PLAINTEXT://{broker},CONTROLLER://{controller}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.log_dir),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            # One broker: every internal topic must live with a single replica.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Consumers in tests join one at a time; waiting for more only adds latency.
+            "group.initial.rebalance.delay.ms": "0",
+            # After a SIGKILL the new process cannot register until the old
+            # incarnation's session expires (9 s by default); keep that short.
+            "broker.session.timeout.ms": "4000",
+            "broker.heartbeat.interval.ms": "1000",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+        }
+        return "".join(f"{key}={value}\n" for key, value in props.items())
+
+    def _format_storage(self) -> None:
+        result = subprocess.run(
+            [
+                *self._java(),
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                f"--cluster-id={self.cluster_id}",
+                f"--config={self.properties_file}",
+            ],
+            cwd=self.data_dir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServiceError(
+                f"kafka-storage format failed (exit {result.returncode})\n{result.stdout}\n{result.stderr}"
+            )
+
+
+def _quiet_logger() -> logging.Logger:
+    # librdkafka reports every refused connection while the broker boots; those
+    # are expected here and would only clutter the caller's output.
+    logger = logging.getLogger("devstack.kafka.probe")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return logger
+
+
+_QUIET = _quiet_logger()
+_LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+
+
+def _ignore_error(_error: object) -> None:
+    """Connection errors while the broker boots are the expected answer, not a failure."""
+
+
+def build_class_archive() -> Path | None:
+    """Record a class-data-sharing archive of a broker start, once per Kafka version and JVM.
+
+    A throwaway broker starts with ``-XX:ArchiveClassesAtExit`` and stops
+    gracefully, which writes the archive; later starts load it. Returns the
+    archive, or None if it could not be made (the broker then starts without it,
+    and a ``.failed`` marker stops further attempts).
+    """
+    archive = class_archive()
+    failed = archive.with_suffix(".failed")
+    if archive.exists():
+        return archive
+    if failed.exists():
+        return None
+    partial = archive.with_name(f"{archive.stem}.{os.getpid()}.partial")
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kafka-cds-") as tmp:
+        server = KafkaServer(Path(tmp))
+        server._archive_to = partial
+        try:
+            server.start(timeout=180)
+        except ServiceError as exc:
+            failed.write_text(str(exc))
+            _log.warning("no class-data-sharing archive for Kafka: %s", exc)
+            return None
+        finally:
+            server.stop(timeout=120)  # the archive is written while the JVM exits
+    if not partial.exists() or partial.stat().st_size == 0:
+        failed.write_text("the JVM wrote no archive\n")
+        partial.unlink(missing_ok=True)
+        return None
+    partial.replace(archive)  # atomic: concurrent builders each finish with a whole file
+    _log.info("recorded %s in %.1fs", archive, time.monotonic() - began)
+    return archive

@@ -1,0 +1,135 @@
+"""Session-wide real services (Kafka, redis-server) and per-test clients.
+
+Set ``BRIDGE_TEST_BOOTSTRAP_SERVERS`` / ``BRIDGE_TEST_REDIS_URL`` to test against
+services you run yourself; otherwise devstack starts them in a temporary dir. A
+service that cannot be started fails the tests that need it: nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from devstack import KafkaServer, RedisServer, ServiceError
+from tests.support.kafka import create_topic, delete_topics, unique_name
+from tests.support.services import ExternalKafka, ExternalRedis, KafkaEndpoint, RedisEndpoint
+
+BOOTSTRAP_ENV = "BRIDGE_TEST_BOOTSTRAP_SERVERS"
+REDIS_URL_ENV = "BRIDGE_TEST_REDIS_URL"
+
+_startup_report: list[str] = []
+
+
+def _note(line: str) -> None:
+    _startup_report.append(line)
+    print(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _startup_report:
+        terminalreporter.section("devstack")
+        for line in _startup_report:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaEndpoint]:
+    """A running Kafka: ``BRIDGE_TEST_BOOTSTRAP_SERVERS`` if set, else a fresh single-node KRaft broker."""
+    external = os.environ.get(BOOTSTRAP_ENV)
+    if external:
+        try:
+            AdminClient({"bootstrap.servers": external}).list_topics(timeout=15)
+        except KafkaException as exc:
+            pytest.fail(f"{BOOTSTRAP_ENV}={external} does not answer: {exc}", pytrace=False)
+        _note(f"kafka: using {external} from {BOOTSTRAP_ENV}")
+        yield ExternalKafka(external)
+        return
+    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
+    try:
+        seconds = server.start()
+    except ServiceError as exc:
+        server.stop()
+        pytest.fail(f"could not start Kafka (set {BOOTSTRAP_ENV} to use your own):\n{exc}", pytrace=False)
+    _note(f"kafka: started at {server.bootstrap_servers} in {seconds:.1f}s (data in {server.data_dir})")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisEndpoint]:
+    """A running Redis: ``BRIDGE_TEST_REDIS_URL`` if set, else a fresh redis-server."""
+    external = os.environ.get(REDIS_URL_ENV)
+    if external:
+        client = redis.Redis.from_url(external, socket_connect_timeout=5)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            pytest.fail(f"{REDIS_URL_ENV}={external} does not answer: {exc}", pytrace=False)
+        finally:
+            client.close()
+        _note(f"redis: using {external} from {REDIS_URL_ENV}")
+        yield ExternalRedis(external)
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        seconds = server.start(timeout=30)
+    except ServiceError as exc:
+        server.stop()
+        pytest.fail(f"could not start redis-server (set {REDIS_URL_ENV} to use your own):\n{exc}", pytrace=False)
+    _note(f"redis: started at {server.url} in {seconds:.2f}s (data in {server.data_dir})")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(kafka: KafkaEndpoint) -> AdminClient:
+    """An AdminClient for the session's Kafka."""
+    return AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+
+
+TopicFactory = Callable[..., str]
+
+
+@pytest.fixture
+def topic_factory(admin: AdminClient) -> Iterator[TopicFactory]:
+    """``topic_factory(partitions=1, *, prefix="t", config=None) -> name``.
+
+    Creates a uniquely named topic, returns once metadata shows all its
+    partitions with a leader, and deletes it after the test.
+    """
+    created: list[str] = []
+
+    def make(partitions: int = 1, *, prefix: str = "t", config: dict[str, str] | None = None) -> str:
+        name = create_topic(admin, unique_name(prefix), partitions, config)
+        created.append(name)
+        return name
+
+    yield make
+    delete_topics(admin, created)
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisEndpoint) -> Iterator[redis.Redis]:
+    """A client on the test DB, which is empty when the test starts and flushed after it."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: service endpoints, Kafka produce/consume, polling."""
