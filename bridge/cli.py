@@ -1,0 +1,175 @@
+"""Command line: ``kafka-dramatiq-bridge run|status MODULE [MODULE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from .errors import BridgeError, ConfigurationError, FatalError, RecoverableError
+from .handlers import Handler, handlers_by_topic
+from .settings import Settings, load_settings
+
+#: Exit codes.
+RET_OK = 0
+RET_ERROR = 1  # an unexpected error, or a fatal Kafka error
+RET_CONFIG = 2  # invalid settings, options or handler modules
+RET_UNAVAILABLE = 3  # Kafka or the ledger could not be reached (status)
+RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop
+
+EPILOG = """\
+examples:
+  # run the bridge for the handlers defined in tasks.py (and its imports)
+  kafka-dramatiq-bridge run tasks
+
+  # the same against another cluster and group, with a librdkafka property passed through
+  kafka-dramatiq-bridge run tasks --bootstrap-servers kafka:9092 --group-id orders \\
+      -X security.protocol=SASL_SSL
+
+  # committed offset, end offset, lag and in-flight records per partition
+  kafka-dramatiq-bridge status tasks
+  kafka-dramatiq-bridge status tasks --json
+
+Every option can also be set in the environment as BRIDGE_<NAME> (BRIDGE_GROUP_ID, ...).
+"""
+
+logger = logging.getLogger("bridge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kafka-dramatiq-bridge",
+        description="Process Kafka topics with dramatiq actors; commit offsets only after the task finished.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("run", "consume the handlers' topics and dispatch records until stopped"),
+        ("status", "print committed offset, end offset, lag and in-flight records per partition"),
+    ):
+        sub = commands.add_parser(
+            name, help=text, description=text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sub.add_argument("modules", nargs="+", metavar="MODULE", help="modules that define the Kafka handlers")
+        sub.add_argument("--path", "-P", action="append", default=[], help="add a directory to sys.path (default: .)")
+        sub.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (BRIDGE_BOOTSTRAP_SERVERS)")
+        sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
+        sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
+        sub.add_argument(
+            "-X",
+            dest="kafka",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="librdkafka property, repeatable (BRIDGE_KAFKA as a JSON object)",
+        )
+        sub.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(BRIDGE_LOG_LEVEL)")
+        if name == "run":
+            sub.add_argument("--group-protocol", choices=["classic", "consumer"], help="(BRIDGE_GROUP_PROTOCOL)")
+        else:
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _kafka_properties(pairs: Sequence[str]) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    properties: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigurationError(f"-X {pair!r}: expected NAME=VALUE")
+        properties[name.strip()] = value
+    return properties
+
+
+def load_handlers(modules: Sequence[str], paths: Sequence[str]) -> dict[str, Handler]:
+    """Import the handler modules, as the dramatiq CLI does, and return topic -> handler.
+
+    Raises:
+      ConfigurationError: a module fails to import or no module defines a handler.
+    """
+    for path in reversed(list(paths) or ["."]):
+        full = os.path.abspath(path)
+        if full not in sys.path:
+            sys.path.insert(0, full)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except BridgeError:
+            raise
+        except Exception as e:
+            raise ConfigurationError(f"cannot import handler module {module!r}: {type(e).__name__}: {e}") from e
+    handlers = handlers_by_topic()
+    if not handlers:
+        raise ConfigurationError(f"no @kafka_handler found in {', '.join(modules)}")
+    return handlers
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "bootstrap_servers": args.bootstrap_servers,
+        "group_id": args.group_id,
+        "redis_url": args.redis_url,
+        "log_level": args.log_level,
+        "kafka": _kafka_properties(args.kafka),
+        "group_protocol": getattr(args, "group_protocol", None),
+    }
+    return load_settings(**overrides)
+
+
+def _run(settings: Settings, handlers: dict[str, Handler]) -> int:
+    from .runner import Bridge
+
+    bridge = Bridge(settings, handlers)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if bridge.stopping:
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(RET_INTERRUPTED)
+        logger.info("%s: stopping after in-flight records finish", signal.Signals(signum).name)
+        bridge.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    bridge.run()
+    logger.info("stopped")
+    return RET_OK
+
+
+def _status(settings: Settings, handlers: dict[str, Handler], as_json: bool) -> int:
+    from .status import collect, render
+
+    print(render(collect(settings, handlers), as_json))
+    return RET_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("BRIDGE_LOG_LEVEL", "INFO").upper() if args.log_level is None else args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = _settings(args)
+        logging.getLogger().setLevel(settings.log_level)
+        handlers = load_handlers(args.modules, args.path)
+        if args.command == "run":
+            return _run(settings, handlers)
+        return _status(settings, handlers, args.json)
+    except ConfigurationError as e:
+        logger.error("%s", e)
+        return RET_CONFIG
+    except RecoverableError as e:
+        logger.error("%s", e)
+        return RET_UNAVAILABLE
+    except FatalError as e:
+        logger.error("%s", e)
+        return e.exit_code

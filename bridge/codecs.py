@@ -1,0 +1,47 @@
+"""Codecs turn a record's key or value bytes into what the actor receives.
+
+Decoding happens in the worker, right before the actor runs; the bytes travel through the task
+broker unchanged (base64 inside dramatiq's JSON messages), so nothing is lost on the way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Literal
+
+CodecName = Literal["bytes", "text", "json"]
+
+CODECS: tuple[CodecName, ...] = ("bytes", "text", "json")
+
+
+class DecodeError(ValueError):
+    """The bytes are not valid for the codec."""
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise DecodeError(f"not valid JSON: {e}") from None
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"not valid UTF-8: {e}") from None
+
+
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "bytes": lambda data: data,
+    "text": _text,
+    "json": _json,
+}
+
+
+def decode(codec: str, data: bytes | None) -> Any:
+    """Decode ``data`` with ``codec``; ``None`` (a tombstone or missing key) stays ``None``."""
+    if data is None:
+        return None
+    return _DECODERS[codec](data)

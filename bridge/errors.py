@@ -1,0 +1,50 @@
+"""Every error the bridge raises derives from :class:`BridgeError`.
+
+Errors are split the way an operator acts on them: a :class:`RecoverableError` clears up by
+itself (the bridge retries with backoff), a :class:`FatalError` stops the process with the exit
+code it carries. Third-party exceptions are translated at the boundary, with ``from``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BridgeError",
+    "ConfigurationError",
+    "FatalError",
+    "HandlerError",
+    "KafkaUnavailable",
+    "LedgerUnavailable",
+    "RecoverableError",
+]
+
+
+class BridgeError(Exception):
+    """Root of the bridge's errors."""
+
+
+class RecoverableError(BridgeError):
+    """A condition that clears up by itself; the operation is retried with backoff."""
+
+
+class FatalError(BridgeError):
+    """A condition the bridge cannot recover from; the process exits with :attr:`exit_code`."""
+
+    exit_code: int = 1
+
+
+class ConfigurationError(FatalError):
+    """An invalid setting or option; the message names it."""
+
+    exit_code = 2
+
+
+class HandlerError(ConfigurationError):
+    """An invalid handler registration; the message names the actor and the option."""
+
+
+class LedgerUnavailable(RecoverableError):
+    """The ack ledger (Redis) did not answer."""
+
+
+class KafkaUnavailable(RecoverableError):
+    """Kafka did not answer (brokers down, coordinator moving)."""

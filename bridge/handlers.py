@@ -1,0 +1,207 @@
+"""Handler registration: ``@kafka_handler`` over ``@dramatiq.actor``.
+
+Registering a handler records which topics the actor serves and how, installs the ledger
+middleware on the actor's broker (so workers need nothing but the import), and wraps the actor's
+function so that bridge messages are decoded into a :class:`~bridge.record.Record` while direct
+calls and ordinary ``.send()`` messages pass through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, get_args
+
+import dramatiq
+
+from .codecs import CODECS, CodecName
+from .errors import HandlerError
+from .partition import Ordering
+from .record import _current, is_envelope, open_envelope, take_prepared
+
+MessageFormat = Literal["record", "value"]
+OffsetReset = Literal["earliest", "latest"]
+
+ActorT = TypeVar("ActorT", bound=dramatiq.Actor[Any, Any])
+Hook = Callable[[str, int, str], None]
+
+logger = logging.getLogger("bridge.handlers")
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """How one actor consumes its topics."""
+
+    actor: dramatiq.Actor[Any, Any]
+    topics: tuple[str, ...]
+    ordering: Ordering
+    message_format: MessageFormat
+    key_codec: CodecName
+    value_codec: CodecName
+    offset_reset: OffsetReset
+    window: int | None
+
+    @property
+    def name(self) -> str:
+        return self.actor.actor_name
+
+
+_lock = threading.Lock()
+_by_topic: dict[str, Handler] = {}
+_by_actor: dict[str, Handler] = {}
+_assigned_hooks: list[Hook] = []
+_revoked_hooks: list[Hook] = []
+
+
+def _choice(option: str, value: object, allowed: Sequence[object], actor: str) -> None:
+    if value not in allowed:
+        raise HandlerError(
+            f"kafka_handler for actor {actor!r}: {option}={value!r} is not one of {', '.join(map(repr, allowed))}"
+        )
+
+
+def kafka_handler(
+    topics: str | Sequence[str],
+    *,
+    ordering: Ordering = "partition",
+    message_format: MessageFormat = "record",
+    key_codec: CodecName = "bytes",
+    value_codec: CodecName = "bytes",
+    offset_reset: OffsetReset = "earliest",
+    window: int | None = None,
+) -> Callable[[ActorT], ActorT]:
+    """Make a dramatiq actor the handler of one or more Kafka topics.
+
+    Parameters:
+      topics: a topic name or a list of them; each topic has exactly one handler.
+      ordering: ``"partition"`` (one record of a partition at a time, in offset order),
+        ``"key"`` (one record per key at a time, in order per key) or ``"none"``.
+      message_format: ``"record"`` passes the :class:`~bridge.Record`; ``"value"`` passes only
+        the decoded value, with the record available from :func:`bridge.current_record`.
+      key_codec, value_codec: ``"bytes"`` (default, lossless), ``"text"`` (UTF-8) or ``"json"``.
+      offset_reset: where a consumer group with no committed offset starts (``"earliest"``
+        by default, so a first deployment processes the whole topic).
+      window: most records of one partition held by the bridge and not yet done; defaults to
+        the ``BRIDGE_WINDOW`` setting.
+
+    The lane (dramatiq queue) of each record is managed by the bridge and cannot be chosen.
+
+    Raises:
+      HandlerError: on an invalid option, a decorated object that is not an actor, or a topic
+        that already has a handler.
+    """
+    topic_list = (topics,) if isinstance(topics, str) else tuple(topics)
+
+    def register(actor: ActorT) -> ActorT:
+        if not isinstance(actor, dramatiq.Actor):
+            raise HandlerError(
+                f"kafka_handler must decorate a dramatiq actor, got {actor!r}: "
+                "put @kafka_handler(...) above @dramatiq.actor"
+            )
+        name = actor.actor_name
+        if not topic_list:
+            raise HandlerError(f"kafka_handler for actor {name!r}: topics is empty")
+        for topic in topic_list:
+            if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
+                raise HandlerError(f"kafka_handler for actor {name!r}: topics contains an invalid topic name {topic!r}")
+        if len(set(topic_list)) != len(topic_list):
+            raise HandlerError(f"kafka_handler for actor {name!r}: topics lists a topic twice")
+        _choice("ordering", ordering, get_args(Ordering), name)
+        _choice("message_format", message_format, get_args(MessageFormat), name)
+        _choice("key_codec", key_codec, CODECS, name)
+        _choice("value_codec", value_codec, CODECS, name)
+        _choice("offset_reset", offset_reset, get_args(OffsetReset), name)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise HandlerError(f"kafka_handler for actor {name!r}: window={window!r} must be a positive integer")
+
+        handler = Handler(actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window)
+        with _lock:
+            if name in _by_actor:
+                raise HandlerError(
+                    f"actor {name!r} is already a Kafka handler (of {', '.join(_by_actor[name].topics)})"
+                )
+            for topic in topic_list:
+                if topic in _by_topic:
+                    raise HandlerError(
+                        f"topic {topic!r} already has a handler ({_by_topic[topic].name!r}); "
+                        f"cannot register {name!r} too"
+                    )
+            for topic in topic_list:
+                _by_topic[topic] = handler
+            _by_actor[name] = handler
+        _wrap(actor, handler)
+
+        from .middleware import install
+
+        install(actor.broker)
+        return actor
+
+    return register
+
+
+def _wrap(actor: dramatiq.Actor[Any, Any], handler: Handler) -> None:
+    original = actor.fn
+
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not is_envelope(args, kwargs):
+            return original(*args, **kwargs)
+        record = take_prepared(args[0]) or open_envelope(args[0], handler.key_codec, handler.value_codec)
+        token = _current.set(record)
+        try:
+            if handler.message_format == "value":
+                return original(record.value)
+            return original(record)
+        finally:
+            _current.reset(token)
+
+    actor.fn = run
+
+
+def on_partitions_assigned(hook: Hook) -> Hook:
+    """Register ``hook(topic, partition, group_id)``, called in the bridge when it starts owning a
+    partition. Errors are logged and contained."""
+    with _lock:
+        _assigned_hooks.append(hook)
+    return hook
+
+
+def on_partitions_revoked(hook: Hook) -> Hook:
+    """Register ``hook(topic, partition, group_id)``, called in the bridge when it stops owning a
+    partition (revoked or lost), after its final commit. Errors are logged and contained."""
+    with _lock:
+        _revoked_hooks.append(hook)
+    return hook
+
+
+def run_hooks(kind: Literal["assigned", "revoked"], topic: str, partition: int, group_id: str) -> None:
+    hooks = _assigned_hooks if kind == "assigned" else _revoked_hooks
+    for hook in list(hooks):
+        try:
+            hook(topic, partition, group_id)
+        except Exception:
+            logger.exception("partition %s hook %r failed for %s[%d]", kind, hook, topic, partition)
+
+
+def handlers_by_topic() -> dict[str, Handler]:
+    with _lock:
+        return dict(_by_topic)
+
+
+def handler_for_actor(actor_name: str) -> Handler | None:
+    return _by_actor.get(actor_name)
+
+
+def clear_registry() -> None:
+    """Forget every handler and hook (for tests that register handlers repeatedly)."""
+    with _lock:
+        _by_topic.clear()
+        _by_actor.clear()
+        _assigned_hooks.clear()
+        _revoked_hooks.clear()

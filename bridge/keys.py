@@ -1,0 +1,59 @@
+"""Names shared by the bridge and the workers: ledger keys in Redis and lane (queue) names.
+
+Every key of one partition shares a Redis Cluster hash tag, so the ledger's Lua scripts touch a
+single slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: Hash of lane name -> topic, read by workers to find the lanes they should consume.
+LANES_KEY = "kdb:lanes"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _tag_safe(text: str) -> str:
+    # Braces would end the hash tag early; percent-encode them (and only them).
+    return text.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys:
+    """Ledger keys of one (group, topic, partition)."""
+
+    group: str
+    topic: str
+    partition: int
+
+    @property
+    def prefix(self) -> str:
+        return f"kdb:{{{_tag_safe(self.group)}|{self.topic}|{self.partition}}}"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    @property
+    def done(self) -> str:
+        return f"{self.prefix}:done"
+
+    @property
+    def failed(self) -> str:
+        return f"{self.prefix}:failed"
+
+    @property
+    def running(self) -> str:
+        return f"{self.prefix}:running"
+
+
+def status_key(group: str) -> str:
+    """Hash of "topic|partition" -> JSON summary published by the owning bridge."""
+    return f"kdb:{{{_tag_safe(group)}}}:status"
+
+
+def lane_name(group: str, topic: str, partition: int) -> str:
+    """The dramatiq queue that carries one partition's records for one consumer group."""
+    return f"kdb.{_UNSAFE.sub('_', group)}.{topic}.{partition}"

@@ -1,0 +1,211 @@
+"""Per-partition delivery state: what was delivered, what may be dispatched, what may be committed.
+
+Pure data structure, driven by the bridge's main loop; no I/O and no threads. Offsets are the
+Kafka offsets of delivered records, which may have gaps (compaction, transaction markers), so
+the committable offset is derived from the delivered offsets only, never from ``offset + 1``
+arithmetic over the log.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Ordering = Literal["partition", "key", "none"]
+
+#: Group key used in ``partition`` mode: every record of the partition shares it.
+_WHOLE_PARTITION = b"\x00partition"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One delivered record of the partition."""
+
+    offset: int
+    group: Hashable
+    payload: Any
+    dispatched: bool = False
+    done: bool = False
+    dispatched_at: float = 0.0
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class _KeyQueue:
+    entries: deque[Entry] = field(default_factory=deque)
+    busy: bool = False
+
+
+class PartitionState:
+    """Delivery window of one partition.
+
+    ``deliver`` appends records in offset order; ``take_ready`` hands out the records that the
+    ordering mode allows to run now (at most one unfinished per partition or per key, or any
+    in ``none`` mode); ``mark_done`` applies done facts from the ledger; ``committable`` returns
+    the next offset to commit: one past the contiguous prefix of done delivered records.
+    """
+
+    def __init__(
+        self,
+        *,
+        ordering: Ordering,
+        epoch: int,
+        start_offset: int | None = None,
+        known_done: Iterable[int] = (),
+    ) -> None:
+        self.ordering: Ordering = ordering
+        self.epoch = epoch
+        self.known_done: set[int] = set(known_done)
+        self._entries: deque[Entry] = deque()
+        self._by_offset: dict[int, Entry] = {}
+        self._next_commit: int | None = start_offset
+        self.last_committed: int | None = None
+        self.open = 0
+        self.dispatched_open = 0
+        # none mode: FIFO of undispatched entries; ordered modes: per-group queues plus a heap
+        # of (head offset, group) for groups whose head may be dispatched now.
+        self._fifo: deque[Entry] = deque()
+        self._queues: dict[Hashable, _KeyQueue] = {}
+        self._ready: list[tuple[int, int, Hashable]] = []
+        self._seq = 0
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def group_of(self, key: bytes | None) -> Hashable:
+        if self.ordering == "partition":
+            return _WHOLE_PARTITION
+        return key
+
+    def deliver(self, offset: int, key: bytes | None, payload: Any) -> Entry:
+        """Accept a polled record. Offsets must increase; a record the ledger already shows
+        done is accepted as done and never dispatched."""
+        if self._entries and offset <= self._entries[-1].offset:
+            raise ValueError(f"offset {offset} delivered out of order after {self._entries[-1].offset}")
+        entry = Entry(offset, self.group_of(key), payload)
+        self._entries.append(entry)
+        self._by_offset[offset] = entry
+        if self._next_commit is None:
+            self._next_commit = offset
+        if offset in self.known_done:
+            self.known_done.discard(offset)
+            entry.done = True
+            entry.payload = None
+            return entry
+        self.open += 1
+        if self.ordering == "none":
+            self._fifo.append(entry)
+        else:
+            queue = self._queues.get(entry.group)
+            if queue is None:
+                queue = self._queues[entry.group] = _KeyQueue()
+            queue.entries.append(entry)
+            if not queue.busy and len(queue.entries) == 1:
+                self._push_ready(entry)
+        return entry
+
+    def _push_ready(self, entry: Entry) -> None:
+        self._seq += 1
+        heapq.heappush(self._ready, (entry.offset, self._seq, entry.group))
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def take_ready(self, limit: int, now: float = 0.0) -> list[Entry]:
+        """Mark up to ``limit`` records as dispatched and return them in offset order."""
+        taken: list[Entry] = []
+        if self.ordering == "none":
+            while self._fifo and len(taken) < limit:
+                entry = self._fifo.popleft()
+                if not entry.done:
+                    taken.append(entry)
+        else:
+            while self._ready and len(taken) < limit:
+                _, _, group = heapq.heappop(self._ready)
+                queue = self._queues.get(group)
+                if queue is None or queue.busy:
+                    continue
+                while queue.entries and queue.entries[0].done:
+                    queue.entries.popleft()
+                if not queue.entries:
+                    del self._queues[group]
+                    continue
+                entry = queue.entries.popleft()
+                queue.busy = True
+                taken.append(entry)
+        for entry in taken:
+            entry.dispatched = True
+            entry.dispatched_at = now
+            entry.attempts += 1
+            self.dispatched_open += 1
+        return taken
+
+    def has_ready(self) -> bool:
+        return bool(self._fifo or self._ready)
+
+    def unfinished_span(self) -> tuple[int, int] | None:
+        """Lowest and highest offset that is delivered and not done (what the ledger is asked about)."""
+        low = next((e.offset for e in self._entries if not e.done), None)
+        if low is None:
+            return None
+        high = next(e.offset for e in reversed(self._entries) if not e.done)
+        return low, high
+
+    def dispatched_unfinished(self) -> list[Entry]:
+        return [e for e in self._entries if e.dispatched and not e.done]
+
+    # -- completion -------------------------------------------------------------------------
+
+    def mark_done(self, offsets: Iterable[int]) -> int:
+        """Apply done facts; unknown or repeated offsets are ignored. Returns how many were new."""
+        new = 0
+        for offset in offsets:
+            entry = self._by_offset.get(offset)
+            if entry is None or entry.done:
+                continue
+            entry.done = True
+            entry.payload = None
+            self.open -= 1
+            new += 1
+            if entry.dispatched:
+                self.dispatched_open -= 1
+                if self.ordering != "none":
+                    self._release(entry.group)
+        return new
+
+    def _release(self, group: Hashable) -> None:
+        queue = self._queues.get(group)
+        if queue is None:
+            return
+        queue.busy = False
+        while queue.entries and queue.entries[0].done:
+            queue.entries.popleft()
+        if queue.entries:
+            self._push_ready(queue.entries[0])
+        else:
+            del self._queues[group]
+
+    def committable(self) -> int | None:
+        """Next offset to commit (one past the done prefix), or None before the first delivery."""
+        entries = self._entries
+        while entries and entries[0].done:
+            entry = entries.popleft()
+            del self._by_offset[entry.offset]
+            self._next_commit = entry.offset + 1
+        if entries:
+            self._next_commit = entries[0].offset
+        return self._next_commit
+
+    @property
+    def idle(self) -> bool:
+        """Every delivered record is done."""
+        return self.open == 0
+
+    @property
+    def last_delivered(self) -> int | None:
+        return self._entries[-1].offset if self._entries else None
+
+    def oldest_unfinished_dispatch(self) -> float | None:
+        times = [e.dispatched_at for e in self._entries if e.dispatched and not e.done]
+        return min(times) if times else None

@@ -1,0 +1,104 @@
+"""``status``: per partition committed offset, end offset, lag and what the ledger holds.
+
+Reads Kafka (committed and end offsets) and the ledger (the summary each bridge publishes), so it
+works whether or not a bridge is running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from .consumer import consumer_config
+from .errors import KafkaUnavailable, LedgerUnavailable
+from .handlers import Handler
+from .keys import PartitionKeys, status_key
+from .ledger import connect
+from .settings import Settings
+
+
+def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float = 10.0) -> list[dict[str, Any]]:
+    """One row per partition of every handler topic."""
+    consumer = Consumer(consumer_config(settings))
+    try:
+        try:
+            metadata = consumer.list_topics(timeout=timeout)
+        except KafkaException as e:
+            raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap_servers}: {e}") from e
+        partitions: list[TopicPartition] = []
+        missing: list[str] = []
+        for topic in sorted(handlers):
+            info = metadata.topics.get(topic)
+            if info is None or info.error is not None:
+                missing.append(topic)
+                continue
+            partitions.extend(TopicPartition(topic, p) for p in sorted(info.partitions))
+        committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=timeout)}
+        ends = {}
+        for tp in partitions:
+            _, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            ends[(tp.topic, tp.partition)] = high
+    finally:
+        consumer.close()
+
+    client = connect(settings.redis_url)
+    try:
+        raw = cast(dict[str, str], client.hgetall(status_key(settings.group_id)))
+        published = {k: json.loads(v) for k, v in raw.items()}
+        running = {}
+        with client.pipeline(transaction=False) as pipe:
+            for tp in partitions:
+                pipe.hlen(PartitionKeys(settings.group_id, tp.topic, tp.partition).running)
+            for tp, count in zip(partitions, pipe.execute(), strict=True):
+                running[(tp.topic, tp.partition)] = int(count)
+    except Exception as e:  # redis.RedisError and connection errors
+        raise LedgerUnavailable(f"cannot read the ledger: {e}") from e
+    finally:
+        client.close()
+
+    now_ms = int(time.time() * 1000)
+    rows: list[dict[str, Any]] = []
+    for topic in missing:
+        rows.append({"topic": topic, "partition": None, "error": "topic does not exist"})
+    for tp in partitions:
+        key = (tp.topic, tp.partition)
+        end = ends[key]
+        commit = committed[key]
+        info = published.get(f"{tp.topic}|{tp.partition}", {})
+        rows.append(
+            {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "handler": handlers[tp.topic].name,
+                "committed": commit if commit >= 0 else None,
+                "end": end,
+                "lag": end - commit if commit >= 0 else end,
+                "in_flight": info.get("in_flight"),
+                "running": running[key],
+                "oldest_age_s": info.get("oldest_age_s"),
+                "owner": info.get("owner"),
+                "epoch": info.get("epoch"),
+                "reported_s_ago": round((now_ms - info["updated_ms"]) / 1000, 1) if info else None,
+            }
+        )
+    return rows
+
+
+_COLUMNS = ("topic", "partition", "committed", "end", "lag", "in_flight", "oldest_age_s", "owner", "reported_s_ago")
+
+
+def render(rows: list[dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(rows, indent=2)
+    header = [c.replace("_s_ago", " (s ago)").replace("_s", " (s)").replace("_", " ") for c in _COLUMNS]
+    table = [header] + [["-" if r.get(c) is None else str(r.get(c)) for c in _COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['topic']}: {r['error']}")
+    return "\n".join(lines)

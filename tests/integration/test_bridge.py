@@ -1,0 +1,248 @@
+"""The bridge end to end: real Kafka, real redis-server, stock dramatiq worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from tests.integration.conftest import Pipeline
+from tests.support.bridge_proc import REPO
+from tests.support.history import check, read_events
+from tests.support.kafka import produce_keyed
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def wait_committed_to_end(pipeline: Pipeline, timeout: float = 180) -> dict[tuple[str, int], int]:
+    ends = pipeline.ends()
+    wait_until(lambda: pipeline.committed() == ends, timeout, interval=0.5,
+               message=f"committed offsets never reached the end offsets {ends}")
+    return ends
+
+
+def test_partition_mode_processes_every_record_once_in_order_and_commits_to_the_end(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 20_000)
+    pipeline.start_workers(processes=2, threads=8)
+    started = time.monotonic()
+    pipeline.start_bridge()
+    ends = wait_committed_to_end(pipeline)
+    elapsed = time.monotonic() - started
+    assert pipeline.bridges[0].stop() == 0
+    report = check(read_events(redis_client), scope="partition")
+    assert report.overlaps == []
+    assert report.order_violations == []
+    assert report.duplicates == 0
+    for (t, p), end in ends.items():
+        assert report.processed[(t, p)] == set(range(end))
+    assert sum(ends.values()) == 20_000
+    print(f"partition mode: 20000 records in {elapsed:.1f}s = {20_000 / elapsed:.0f} records/s")
+
+
+def run_to_end(pipeline: Pipeline, redis_client: redis.Redis, scope: str) -> Any:
+    wait_committed_to_end(pipeline)
+    for bridge in pipeline.bridges:
+        assert bridge.stop() == 0
+    return check(read_events(redis_client), scope=scope)
+
+
+def assert_complete(report: Any, ends: dict[tuple[str, int], int]) -> None:
+    for (t, p), end in ends.items():
+        missing = set(range(end)) - report.processed.get((t, p), set())
+        assert not missing, f"{t}[{p}] never processed {sorted(missing)[:10]}"
+
+
+def test_key_mode_keeps_order_and_exclusivity_per_key(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="key", KDB_TEST_SLEEP_MS="0-5")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 4000)
+    pipeline.start_workers(processes=2, threads=8)
+    pipeline.start_bridge()
+    report = run_to_end(pipeline, redis_client, "key")
+    assert report.overlaps == []
+    assert report.order_violations == []
+    assert report.duplicates == 0
+    assert_complete(report, pipeline.ends())
+
+
+def test_none_mode_processes_everything_and_commits_to_the_end(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="none")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 20_000)
+    pipeline.start_workers(processes=2, threads=8)
+    started = time.monotonic()
+    pipeline.start_bridge()
+    report = run_to_end(pipeline, redis_client, "key")
+    elapsed = time.monotonic() - started
+    assert report.duplicates == 0
+    assert_complete(report, pipeline.ends())
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "bridge", "status", "tests.support.bridge_actors", "--json"],
+            env={**os.environ, **pipeline.env, "PYTHONPATH": str(REPO)}, cwd=REPO,
+            capture_output=True, check=True, timeout=60,
+        ).stdout
+    )
+    committed = pipeline.committed()
+    assert {(r["topic"], r["partition"]): r["committed"] for r in status} == committed
+    assert all(r["lag"] == 0 and r["in_flight"] == 0 for r in status)
+    print(f"none mode: 20000 records in {elapsed:.1f}s = {20_000 / elapsed:.0f} records/s")
+
+
+def test_a_graceful_stop_and_restart_loses_nothing_and_repeats_nothing(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="1")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 3000)
+    pipeline.start_workers(processes=2, threads=8)
+    first = pipeline.start_bridge()
+    wait_until(lambda: redis_client.llen("kdb-test:events") > 600, 120, message="no progress")
+    assert first.stop() == 0
+    stopped_at = redis_client.llen("kdb-test:events")
+    assert 0 < stopped_at < 6000, "the bridge must stop mid-stream"
+    pipeline.start_bridge()
+    report = run_to_end(pipeline, redis_client, "partition")
+    assert report.duplicates == 0
+    assert report.order_violations == []
+    assert report.overlaps == []
+    assert_complete(report, pipeline.ends())
+
+
+def test_a_second_bridge_joining_and_leaving_moves_partitions_without_loss_or_duplicates(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="2")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 4000)
+    pipeline.start_workers(processes=2, threads=8)
+    first = pipeline.start_bridge()
+    wait_until(lambda: redis_client.llen("kdb-test:events") > 400, 120, message="no progress")
+    second = pipeline.start_bridge()
+    second.wait_log("assigned", timeout=60)
+    moved_at = redis_client.llen("kdb-test:events")
+    wait_until(lambda: redis_client.llen("kdb-test:events") > moved_at + 400, 120, message="no progress after join")
+    assert second.stop() == 0
+    assert "revoked" in first.log or "assigned" in first.log
+    report = run_to_end(pipeline, redis_client, "partition")
+    assert report.duplicates == 0
+    assert report.order_violations == []
+    assert report.overlaps == []
+    assert_complete(report, pipeline.ends())
+
+
+def test_a_failing_record_is_retried_then_advances_and_later_records_wait_for_it(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(2)
+    fail_keys = {"5", "17"}
+    pipeline = pipeline_factory(
+        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_MAX_RETRIES="2", KDB_TEST_FAIL_KEYS=",".join(fail_keys)
+    )
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 300, key=lambda i: str(i % 50))
+    pipeline.start_workers(processes=2, threads=8)
+    pipeline.start_bridge()
+    report = run_to_end(pipeline, redis_client, "partition")
+    events = read_events(redis_client)
+    starts: dict[tuple[int, int], int] = {}
+    for e in events:
+        if e.kind == "S":
+            starts[(e.partition, e.offset)] = starts.get((e.partition, e.offset), 0) + 1
+    failing = {(e.partition, e.offset) for e in events if e.key in fail_keys}
+    assert len(failing) == 12
+    assert all(starts[c] == 3 for c in failing), "each failing record runs once and is retried twice"
+    assert all(n == 1 for c, n in starts.items() if c not in failing)
+    assert report.order_violations == []
+    assert report.overlaps == []
+    assert_complete(report, pipeline.ends())
+
+
+def test_binary_keys_values_and_duplicate_binary_headers_arrive_unchanged(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    from confluent_kafka import Producer
+
+    from bridge import Record
+
+    topic = topic_factory(1)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition")
+    producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "acks": "all"})
+    sent = []
+    for i in range(20):
+        key = bytes([255, 254, i]) if i % 4 else None
+        value = bytes(range(256))[i:] + b"\x00" if i % 5 else b""
+        headers = [("h", b"\x00\xff" + bytes([i])), ("h", b"\x01"), ("n", None), ("\u00e9", b"")]
+        producer.produce(topic, value=value, key=key, headers=headers, timestamp=1_700_000_000_000 + i)
+        sent.append(Record(topic, 0, i, key, value, tuple(headers), 1_700_000_000_000 + i))
+    producer.flush(30)
+    pipeline.start_workers(processes=1, threads=2)
+    pipeline.start_bridge()
+    run_to_end(pipeline, redis_client, "partition")
+    received = [r.decode() for r in redis_client.lrange("kdb-test:events:records", 0, -1)]
+    assert received == [repr(r) for r in sent]
+
+
+def test_a_partition_added_while_running_is_picked_up(
+    pipeline_factory: Callable[..., Pipeline],
+    topic_factory: Callable[..., str],
+    redis_client: redis.Redis,
+    admin: Any,
+) -> None:
+    from confluent_kafka.admin import NewPartitions
+
+    topic = topic_factory(2)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 200)
+    pipeline.start_workers(processes=1, threads=4)
+    pipeline.start_bridge("-X", "topic.metadata.refresh.interval.ms=1000")
+    wait_committed_to_end(pipeline)
+    admin.create_partitions([NewPartitions(topic, 4)])[topic].result(30)
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "acks": "all"})
+    for i in range(200):
+        producer.produce(topic, value=str(i).encode(), key=str(i).encode(), partition=2 + i % 2)
+    producer.flush(30)
+    ends = pipeline.ends()
+    assert ends[(topic, 2)] == ends[(topic, 3)] == 100
+    report = run_to_end(pipeline, redis_client, "partition")
+    assert report.duplicates == 0
+    assert_complete(report, ends)
+
+
+def test_a_partition_handed_over_while_records_run_keeps_order_across_owners(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    # Bridges here do not wait for their records when partitions are revoked, so the new owner
+    # takes over while records of the old assignment still run (8-9 s each) and must wait.
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="8000-9000")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 18)
+    pipeline.start_workers(processes=2, threads=8)
+    no_drain = {"BRIDGE_DRAIN_TIMEOUT": "0"}
+    pipeline.start_bridge(env=no_drain)
+    wait_until(lambda: redis_client.llen("kdb-test:events") >= 6, 120, message="no progress")
+    second = pipeline.start_bridge(env=no_drain)
+    second.wait_log("of an older assignment still running", timeout=60)
+    assert second.stop() == 0
+    report = run_to_end(pipeline, redis_client, "partition")
+    assert report.overlaps == []
+    assert report.order_violations == []
+    assert report.duplicates == 0
+    assert_complete(report, pipeline.ends())

@@ -1,0 +1,63 @@
+"""Handlers for the bridge's integration tests, configured through the environment.
+
+Each handler invocation appends a start event and an end event to one Redis list, so a test can
+check order, overlap, duplicates and completeness from a single totally ordered history.
+
+  KDB_TEST_TOPICS       comma-separated topics (required)
+  KDB_TEST_ORDERING     partition | key | none (default partition)
+  KDB_TEST_SLEEP_MS     "N" or "LOW-HIGH" (random) milliseconds per record (default 0)
+  KDB_TEST_FAIL_KEYS    comma-separated record keys whose every attempt raises
+  KDB_TEST_MAX_RETRIES  dramatiq max_retries (default 0)
+  KDB_TEST_EVENTS       Redis list of events (default kdb-test:events)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from bridge import Record, kafka_handler
+
+URL = os.environ["BRIDGE_REDIS_URL"]
+broker = RedisBroker(url=URL)
+dramatiq.set_broker(broker)
+
+_events = redis.Redis.from_url(URL)
+EVENTS = os.environ.get("KDB_TEST_EVENTS", "kdb-test:events")
+_sleep = os.environ.get("KDB_TEST_SLEEP_MS", "0")
+_low, _, _high = _sleep.partition("-")
+SLEEP = (float(_low) / 1000, float(_high or _low) / 1000)
+FAIL_KEYS = {k.encode() for k in os.environ.get("KDB_TEST_FAIL_KEYS", "").split(",") if k}
+
+
+class Planned(Exception):
+    """The failure a test asked for."""
+
+
+@kafka_handler(
+    [t for t in os.environ["KDB_TEST_TOPICS"].split(",") if t],
+    ordering=os.environ.get("KDB_TEST_ORDERING", "partition"),  # type: ignore[arg-type]
+)
+@dramatiq.actor(
+    max_retries=int(os.environ.get("KDB_TEST_MAX_RETRIES", "0")), min_backoff=20, max_backoff=100
+)
+def record_event(record: Record) -> None:
+    key = (record.key or b"").decode("utf-8", "backslashreplace")
+    coords = f"{record.topic}|{record.partition}|{record.offset}|{key}|{os.getpid()}"
+    _events.rpush(EVENTS, f"S|{coords}")
+    outcome = "ok"
+    try:
+        if SLEEP[1] > 0:
+            time.sleep(random.uniform(*SLEEP))
+        if record.key in FAIL_KEYS:
+            outcome = "fail"
+            raise Planned(f"planned failure of {record.topic}[{record.partition}]@{record.offset}")
+        if record.headers:
+            _events.rpush(EVENTS + ":records", repr(record))
+    finally:
+        _events.rpush(EVENTS, f"E|{coords}|{outcome}")

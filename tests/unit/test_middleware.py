@@ -1,0 +1,311 @@
+"""The ledger middleware records each terminal state, with a real dramatiq Worker on a StubBroker."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Middleware, Retries, SkipMessage
+
+from bridge import Record, current_record, kafka_handler
+from bridge.keys import PartitionKeys, lane_name
+from bridge.ledger import Ledger
+from bridge.middleware import OPTION, LedgerMiddleware
+from bridge.record import envelope
+
+GROUP = "g"
+
+
+def ledger_middleware(broker: StubBroker) -> LedgerMiddleware:
+    return next(m for m in broker.middleware if isinstance(m, LedgerMiddleware))
+
+
+@pytest.fixture
+def worker(stub_broker: StubBroker, ledger: Ledger) -> Iterator[dramatiq.Worker]:
+    # Handlers must be registered before the worker boots; the test body does that, so the
+    # fixture hands out a factory-like worker started lazily by send().
+    w = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=2)
+    yield w
+    w.stop()
+
+
+def send(
+    broker: StubBroker,
+    actor: dramatiq.Actor[Any, Any],
+    topic: str,
+    offset: int,
+    *,
+    value: bytes | None = b"v",
+    key: bytes | None = b"k",
+    epoch: int = 1,
+    **options: Any,
+) -> None:
+    lane = lane_name(GROUP, topic, 0)
+    broker.declare_queue(lane)
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name=lane,
+            actor_name=actor.actor_name,
+            args=(envelope(topic, 0, offset, key, value, [("h", b"\x00"), ("h", None)], 1700000000000),),
+            kwargs={},
+            options={OPTION: {"g": GROUP, "t": topic, "p": 0, "o": offset, "e": epoch}, **options},
+        )
+    )
+
+
+def run(broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, topic: str) -> None:
+    ledger_middleware(broker)._ledger = ledger
+    worker.start()
+    broker.join(lane_name(GROUP, topic, 0), timeout=10_000, fail_fast=False)
+    worker.join()
+
+
+def keys(topic: str) -> PartitionKeys:
+    return PartitionKeys(GROUP, topic, 0)
+
+
+def test_success_is_a_done_fact_and_the_actor_gets_the_record(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    seen: list[Record] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        assert current_record() == record
+        seen.append(record)
+
+    send(stub_broker, handle, "orders", 5, value=b"\xff\x00")
+    run(stub_broker, worker, ledger, "orders")
+    assert ledger.done_from(keys("orders"), 0) == {5}
+    assert ledger.running(keys("orders")) == {}
+    assert seen == [Record("orders", 0, 5, b"k", b"\xff\x00", (("h", b"\x00"), ("h", None)), 1700000000000)]
+
+
+def test_the_value_format_passes_the_decoded_value_and_exposes_the_record(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    seen: list[tuple[Any, int]] = []
+
+    @kafka_handler("events", message_format="value", value_codec="json", key_codec="text")
+    @dramatiq.actor
+    def handle(payload: Any) -> None:
+        seen.append((payload, current_record().offset))
+
+    send(stub_broker, handle, "events", 9, value=json.dumps({"a": [1, 2]}).encode())
+    run(stub_broker, worker, ledger, "events")
+    assert seen == [({"a": [1, 2]}, 9)]
+
+
+def test_retries_exhausted_is_a_final_failure_and_never_done(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=2, min_backoff=1, max_backoff=5)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+        raise ValueError("boom")
+
+    send(stub_broker, handle, "orders", 1)
+    run(stub_broker, worker, ledger, "orders")
+    progress = ledger.progress({keys("orders"): (0, 10)})[keys("orders")]
+    assert calls == [1, 1, 1]
+    assert progress.done == []
+    assert progress.failed[1]["error"] == {"type": "ValueError", "message": "boom"}
+    assert progress.failed[1]["attempts"] == 3
+
+
+def test_a_failure_that_will_be_retried_is_not_done(stub_broker: StubBroker, ledger: Ledger) -> None:
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=5)
+    def handle(record: Record) -> None:
+        pass
+
+    middleware = ledger_middleware(stub_broker)
+    middleware._ledger = ledger
+    message = dramatiq.middleware.CurrentMessage  # noqa: F841 - keep dramatiq.middleware imported
+    msg = dramatiq.MessageProxy(
+        dramatiq.Message(
+            queue_name="q",
+            actor_name=handle.actor_name,
+            args=(),
+            kwargs={},
+            options={OPTION: {"g": GROUP, "t": "orders", "p": 0, "o": 4, "e": 0}},
+        )
+    )
+    ledger.start(keys("orders"), 4, 0, "w")
+    middleware.after_process_message(stub_broker, msg, exception=ValueError("transient"))
+    progress = ledger.progress({keys("orders"): (0, 10)})[keys("orders")]
+    assert progress.done == [] and progress.failed == {}
+    assert ledger.running(keys("orders")) == {}
+
+
+def test_a_retry_then_success_ends_done(stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=3, min_backoff=1, max_backoff=5)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+        if len(calls) < 3:
+            raise RuntimeError("not yet")
+
+    send(stub_broker, handle, "orders", 2)
+    run(stub_broker, worker, ledger, "orders")
+    assert calls == [2, 2, 2]
+    assert ledger.done_from(keys("orders"), 0) == {2}
+
+
+def test_a_message_skipped_by_another_middleware_is_done(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    class SkipAll(Middleware):
+        def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+            raise SkipMessage("not needed")
+
+    stub_broker.add_middleware(SkipAll(), before=Retries)
+
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        raise AssertionError("skipped messages do not run")
+
+    send(stub_broker, handle, "orders", 3)
+    run(stub_broker, worker, ledger, "orders")
+    assert ledger.done_from(keys("orders"), 0) == {3}
+
+
+def test_an_expired_age_limit_is_a_final_failure(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    @kafka_handler("orders")
+    @dramatiq.actor(max_age=1)
+    def handle(record: Record) -> None:
+        raise AssertionError("expired messages do not run")
+
+    send(stub_broker, handle, "orders", 6)
+    time.sleep(0.01)
+    run(stub_broker, worker, ledger, "orders")
+    progress = ledger.progress({keys("orders"): (0, 10)})[keys("orders")]
+    assert progress.done == []
+    assert 6 in progress.failed
+
+
+def test_a_message_for_an_unknown_actor_is_a_final_failure(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        pass
+
+    lane = lane_name(GROUP, "orders", 0)
+    stub_broker.declare_queue(lane)
+    stub_broker.enqueue(
+        dramatiq.Message(
+            queue_name=lane,
+            actor_name="no_such_actor",
+            args=(envelope("orders", 0, 8, None, b"", None, None),),
+            kwargs={},
+            options={OPTION: {"g": GROUP, "t": "orders", "p": 0, "o": 8, "e": 1}},
+        )
+    )
+    run(stub_broker, worker, ledger, "orders")
+    assert 8 in ledger.progress({keys("orders"): (0, 10)})[keys("orders")].failed
+
+
+def test_a_message_of_an_older_epoch_does_not_run_and_is_not_done(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+
+    ledger.bump_epochs([keys("orders")])
+    ledger.bump_epochs([keys("orders")])
+    send(stub_broker, handle, "orders", 1, epoch=1)
+    send(stub_broker, handle, "orders", 2, epoch=2)
+    run(stub_broker, worker, ledger, "orders")
+    assert calls == [2]
+    assert ledger.done_from(keys("orders"), 0) == {2}
+
+
+def test_a_record_already_done_does_not_run_again(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+
+    ledger.finish(keys("orders"), 1, "done")
+    send(stub_broker, handle, "orders", 1)
+    run(stub_broker, worker, ledger, "orders")
+    assert calls == []
+
+
+def test_an_undecodable_value_fails_at_once_without_reaching_the_actor(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders", value_codec="json")
+    @dramatiq.actor(max_retries=5)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+
+    send(stub_broker, handle, "orders", 1, value=b"{not json")
+    run(stub_broker, worker, ledger, "orders")
+    failed = ledger.progress({keys("orders"): (0, 10)})[keys("orders")].failed
+    assert calls == []
+    assert failed[1]["error"]["type"] == "DecodeError"
+    assert "value (json codec)" in failed[1]["error"]["message"]
+    assert failed[1]["attempts"] == 1
+
+
+def test_the_middleware_sits_before_retries(stub_broker: StubBroker) -> None:
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        pass
+
+    kinds = [type(m) for m in stub_broker.middleware]
+    assert kinds.index(LedgerMiddleware) == kinds.index(Retries) - 1
+    assert kinds.count(LedgerMiddleware) == 1
+
+
+def test_lanes_opened_by_a_bridge_are_declared_in_the_worker(stub_broker: StubBroker, ledger: Ledger) -> None:
+    @kafka_handler("orders")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        pass
+
+    middleware = ledger_middleware(stub_broker)
+    middleware._ledger = ledger
+    middleware._lane_refresh_interval = 0.02
+    ledger.open_lanes({lane_name(GROUP, "orders", 0): "orders", lane_name(GROUP, "other", 0): "other"})
+    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        assert lane_name(GROUP, "orders", 0) in stub_broker.get_declared_queues()
+        assert lane_name(GROUP, "other", 0) not in stub_broker.get_declared_queues()
+        ledger.open_lanes({lane_name(GROUP, "orders", 7): "orders"})
+        deadline = time.monotonic() + 5
+        while lane_name(GROUP, "orders", 7) not in stub_broker.get_declared_queues():
+            assert time.monotonic() < deadline, "a lane opened after boot was never declared"
+            time.sleep(0.01)
+        assert lane_name(GROUP, "orders", 7) in worker.consumers
+    finally:
+        worker.stop()
