@@ -20,7 +20,9 @@ from .settings import Settings, load_settings
 RET_OK = 0
 RET_ERROR = 1  # an unexpected error, or a fatal Kafka error
 RET_CONFIG = 2  # invalid settings, options or handler modules
-RET_UNAVAILABLE = 3  # Kafka or the ledger could not be reached (status)
+RET_UNAVAILABLE = 3  # Kafka or the ledger could not be reached (status, replay)
+RET_KAFKA_FATAL = 4  # librdkafka reported a fatal error
+RET_OFFSET_OUT_OF_RANGE = 5  # a committed offset lies outside the log; never reset silently
 RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop
 
 EPILOG = """\
@@ -35,6 +37,9 @@ examples:
   # committed offset, end offset, lag and in-flight records per partition
   kafka-dramatiq-bridge status tasks
   kafka-dramatiq-bridge status tasks --json
+
+  # send the records of a dead-letter topic back to the topic they came from
+  kafka-dramatiq-bridge replay orders.dlq
 
 Every option can also be set in the environment as BRIDGE_<NAME> (BRIDGE_GROUP_ID, ...).
 """
@@ -53,12 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "consume the handlers' topics and dispatch records until stopped"),
         ("status", "print committed offset, end offset, lag and in-flight records per partition"),
+        ("replay", "send the records of a dead-letter topic back to their original topic"),
     ):
         sub = commands.add_parser(
             name, help=text, description=text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
         )
-        sub.add_argument("modules", nargs="+", metavar="MODULE", help="modules that define the Kafka handlers")
-        sub.add_argument("--path", "-P", action="append", default=[], help="add a directory to sys.path (default: .)")
+        if name == "replay":
+            sub.add_argument("dead_letter_topic", metavar="DEAD_LETTER_TOPIC")
+            sub.add_argument("--to", help="produce to this topic instead of each record's original topic")
+            sub.add_argument("--limit", type=int, help="replay at most this many records")
+        else:
+            sub.add_argument("modules", nargs="+", metavar="MODULE", help="modules that define the Kafka handlers")
+            sub.add_argument(
+                "--path", "-P", action="append", default=[], help="add a directory to sys.path (default: .)"
+            )
         sub.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (BRIDGE_BOOTSTRAP_SERVERS)")
         sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
         sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
@@ -151,6 +164,16 @@ def _status(settings: Settings, handlers: dict[str, Handler], as_json: bool) -> 
     return RET_OK
 
 
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    sent = replay(settings, args.dead_letter_topic, to=args.to, limit=args.limit)
+    total = sum(sent.values())
+    detail = ", ".join(f"{n} to {topic}" for topic, n in sorted(sent.items()))
+    print(f"replayed {total} record(s) from {args.dead_letter_topic}" + (f": {detail}" if detail else ""))
+    return RET_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -160,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         logging.getLogger().setLevel(settings.log_level)
+        if args.command == "replay":
+            return _replay(settings, args)
         handlers = load_handlers(args.modules, args.path)
         if args.command == "run":
             return _run(settings, handlers)

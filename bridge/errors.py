@@ -12,9 +12,12 @@ __all__ = [
     "ConfigurationError",
     "FatalError",
     "HandlerError",
+    "KafkaFatalError",
     "KafkaUnavailable",
     "LedgerUnavailable",
+    "OffsetOutOfRange",
     "RecoverableError",
+    "TaskBrokerUnavailable",
 ]
 
 
@@ -48,3 +51,19 @@ class LedgerUnavailable(RecoverableError):
 
 class KafkaUnavailable(RecoverableError):
     """Kafka did not answer (brokers down, coordinator moving)."""
+
+
+class TaskBrokerUnavailable(RecoverableError):
+    """The dramatiq broker refused or failed an enqueue."""
+
+
+class KafkaFatalError(FatalError):
+    """librdkafka reported a fatal error (e.g. a fenced or unauthorized client)."""
+
+    exit_code = 4
+
+
+class OffsetOutOfRange(FatalError):
+    """A committed offset lies outside the partition's log; the bridge does not reset it silently."""
+
+    exit_code = 5

@@ -33,6 +33,9 @@ logger = logging.getLogger("bridge.handlers")
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
+#: Default dead-letter topic of topic ``t``: ``t.dlq``.
+DEAD_LETTER_SUFFIX = ".dlq"
+
 
 @dataclass(frozen=True, slots=True)
 class Handler:
@@ -46,10 +49,19 @@ class Handler:
     value_codec: CodecName
     offset_reset: OffsetReset
     window: int | None
+    dead_letter_topic: str | bool = True
 
     @property
     def name(self) -> str:
         return self.actor.actor_name
+
+    def dead_letter_for(self, topic: str) -> str | None:
+        """Where final failures of ``topic`` go; ``None`` when dead-lettering is turned off."""
+        if self.dead_letter_topic is True:
+            return f"{topic}{DEAD_LETTER_SUFFIX}"
+        if self.dead_letter_topic is False:
+            return None
+        return self.dead_letter_topic
 
 
 _lock = threading.Lock()
@@ -75,6 +87,7 @@ def kafka_handler(
     value_codec: CodecName = "bytes",
     offset_reset: OffsetReset = "earliest",
     window: int | None = None,
+    dead_letter_topic: str | bool = True,
 ) -> Callable[[ActorT], ActorT]:
     """Make a dramatiq actor the handler of one or more Kafka topics.
 
@@ -89,6 +102,9 @@ def kafka_handler(
         by default, so a first deployment processes the whole topic).
       window: most records of one partition held by the bridge and not yet done; defaults to
         the ``BRIDGE_WINDOW`` setting.
+      dead_letter_topic: where final failures and undecodable or oversized records are written
+        before their offset is committed: ``True`` (default) for ``<topic>.dlq``, a topic name,
+        or ``False`` to only log them and move on.
 
     The lane (dramatiq queue) of each record is managed by the bridge and cannot be chosen.
 
@@ -120,7 +136,20 @@ def kafka_handler(
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise HandlerError(f"kafka_handler for actor {name!r}: window={window!r} must be a positive integer")
 
-        handler = Handler(actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window)
+        if not isinstance(dead_letter_topic, bool) and (
+            not isinstance(dead_letter_topic, str) or not _TOPIC.match(dead_letter_topic)
+        ):
+            raise HandlerError(
+                f"kafka_handler for actor {name!r}: dead_letter_topic={dead_letter_topic!r} "
+                "must be True, False or a valid topic name"
+            )
+        if dead_letter_topic in topic_list:
+            raise HandlerError(
+                f"kafka_handler for actor {name!r}: dead_letter_topic={dead_letter_topic!r} is one of its own topics"
+            )
+        handler = Handler(
+            actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window, dead_letter_topic
+        )
         with _lock:
             if name in _by_actor:
                 raise HandlerError(

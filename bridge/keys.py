@@ -48,6 +48,14 @@ class PartitionKeys:
     def running(self) -> str:
         return f"{self.prefix}:running"
 
+    @property
+    def beats(self) -> str:
+        return f"{self.prefix}:beats"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.prefix}:attempts"
+
 
 def status_key(group: str) -> str:
     """Hash of "topic|partition" -> JSON summary published by the owning bridge."""

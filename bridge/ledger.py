@@ -19,23 +19,28 @@ import redis
 from .errors import LedgerUnavailable
 from .keys import LANES_KEY, PartitionKeys
 
-StartResult = Literal["run", "fenced", "done"]
+StartResult = Literal["run", "fenced", "done", "superseded"]
 
-# KEYS: epoch, done, running.  ARGV: offset, message epoch, running-entry JSON.
+# KEYS: epoch, done, running, attempts.  ARGV: offset, message epoch, running-entry JSON, attempt.
 _START = """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 2 end
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current > tonumber(ARGV[2]) then return 0 end
+local attempt = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '1')
+if tonumber(ARGV[4]) < attempt then return 3 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
 
-# KEYS: done, running, failed.  ARGV: offset, outcome ('done' | 'failed' | 'retry'), detail JSON.
+# KEYS: done, running, failed, beats, attempts.
+# ARGV: offset, outcome ('done' | 'failed' | 'retry'), detail JSON.
 _FINISH = """
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 if ARGV[2] == 'done' then
   redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
 elseif ARGV[2] == 'failed' then
   if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
@@ -44,17 +49,20 @@ end
 return 1
 """
 
-# KEYS: done, failed.  ARGV: committed offset.  Drops facts below the committed offset.
+# KEYS: done, then hashes keyed by offset.  ARGV: committed offset.
+# Drops facts below the committed offset: Kafka's committed offset covers them.
 _PRUNE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 local floor = tonumber(ARGV[1])
-for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if tonumber(field) < floor then redis.call('HDEL', KEYS[2], field) end
+for i = 2, #KEYS do
+  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
+    if tonumber(field) < floor then redis.call('HDEL', KEYS[i], field) end
+  end
 end
 return 1
 """
 
-_START_CODES: dict[int, StartResult] = {0: "fenced", 1: "run", 2: "done"}
+_START_CODES: dict[int, StartResult] = {0: "fenced", 1: "run", 2: "done", 3: "superseded"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +96,14 @@ class Ledger:
 
     # -- worker side ------------------------------------------------------------------------
 
-    def start(self, keys: PartitionKeys, offset: int, epoch: int, worker: str) -> StartResult:
-        """Record that ``offset`` starts now; refuse it if its epoch is stale or it is done."""
-        entry = json.dumps({"e": epoch, "w": worker, "t": int(time.time() * 1000)})
+    def start(self, keys: PartitionKeys, offset: int, epoch: int, worker: str, attempt: int = 1) -> StartResult:
+        """Record that ``offset`` starts now; refuse it if it is done, its epoch is stale, or the
+        bridge dispatched a newer copy of it."""
+        entry = json.dumps({"e": epoch, "w": worker, "t": _now_ms()})
         try:
-            code = self._start(keys=[keys.epoch, keys.done, keys.running], args=[offset, epoch, entry])
+            code = self._start(
+                keys=[keys.epoch, keys.done, keys.running, keys.attempts], args=[offset, epoch, entry, attempt]
+            )
         except redis.RedisError as e:
             raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
         return _START_CODES[int(code)]
@@ -101,11 +112,22 @@ class Ledger:
         """Record the end of an attempt: ``done``, ``failed`` (final) or ``retry`` (not terminal)."""
         try:
             self._finish(
-                keys=[keys.done, keys.running, keys.failed],
+                keys=[keys.done, keys.running, keys.failed, keys.beats, keys.attempts],
                 args=[offset, outcome, json.dumps(dict(detail or {}))],
             )
         except redis.RedisError as e:
             raise LedgerUnavailable(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
+
+    def beat(self, running: Mapping[PartitionKeys, Iterable[int]]) -> None:
+        """Mark records as still running now (liveness of long handlers)."""
+        now = _now_ms()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, offsets in running.items():
+                    pipe.hset(keys.beats, mapping=cast(Any, {str(o): now for o in offsets}))
+                pipe.execute()
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"heartbeat: {e}") from e
 
     def lanes(self) -> dict[str, str]:
         """Lane name -> topic for every lane any bridge has opened."""
@@ -131,7 +153,8 @@ class Ledger:
             with self.client.pipeline(transaction=False) as pipe:
                 for keys in partitions:
                     pipe.incr(keys.epoch)
-                return [int(v) for v in pipe.execute()]
+                    pipe.delete(keys.attempts)
+                return [int(v) for v in pipe.execute()[::2]]
         except redis.RedisError as e:
             raise LedgerUnavailable(f"bumping epochs: {e}") from e
 
@@ -141,6 +164,43 @@ class Ledger:
         except redis.RedisError as e:
             raise LedgerUnavailable(f"reading running records of {keys.topic}[{keys.partition}]: {e}") from e
         return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def last_seen(self, keys: PartitionKeys, offsets: Sequence[int]) -> dict[int, int]:
+        """Wall-clock milliseconds of the latest start or heartbeat of each running offset."""
+        if not offsets:
+            return {}
+        fields = [str(o) for o in offsets]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hmget(keys.running, fields)
+                pipe.hmget(keys.beats, fields)
+                starts, beats = pipe.execute()
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"reading liveness of {keys.topic}[{keys.partition}]: {e}") from e
+        seen: dict[int, int] = {}
+        for offset, start, beat in zip(offsets, starts, beats, strict=True):
+            times = [int(json.loads(start)["t"])] if start else []
+            if beat:
+                times.append(int(beat))
+            if times:
+                seen[offset] = max(times)
+        return seen
+
+    def next_attempt(self, keys: PartitionKeys, offset: int) -> int:
+        """Number a new copy of ``offset``; workers refuse to start older copies."""
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hsetnx(keys.attempts, str(offset), 1)
+                pipe.hincrby(keys.attempts, str(offset), 1)
+                return int(pipe.execute()[1])
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"re-dispatching {keys.topic}[{keys.partition}]@{offset}: {e}") from e
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"ledger at {_safe_url(self.client)} does not answer: {e}") from e
 
     def done_from(self, keys: PartitionKeys, low: int) -> set[int]:
         try:
@@ -178,6 +238,7 @@ class Ledger:
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.zadd(keys.done, {str(o): o for o in offsets})
                 pipe.hdel(keys.failed, *[str(o) for o in offsets])
+                pipe.hdel(keys.attempts, *[str(o) for o in offsets])
                 pipe.execute()
         except redis.RedisError as e:
             raise LedgerUnavailable(f"settling failures of {keys.topic}[{keys.partition}]: {e}") from e
@@ -186,7 +247,7 @@ class Ledger:
         """Forget facts below each committed offset; Kafka's committed offset covers them."""
         try:
             for keys, offset in committed.items():
-                self._prune(keys=[keys.done, keys.failed], args=[offset])
+                self._prune(keys=[keys.done, keys.failed, keys.attempts, keys.beats], args=[offset])
         except redis.RedisError as e:
             raise LedgerUnavailable(f"pruning ledger: {e}") from e
 
@@ -197,3 +258,15 @@ class Ledger:
             self.client.hset(key, mapping=cast(Any, dict(entries)))
         except redis.RedisError as e:
             raise LedgerUnavailable(f"publishing status: {e}") from e
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe_url(client: redis.Redis) -> str:
+    """host:port/db of a client, without credentials."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import dramatiq
@@ -34,24 +35,34 @@ logger = logging.getLogger("bridge.worker")
 OPTION = "kdb"
 
 
-def _coordinates(message: Any) -> tuple[PartitionKeys, int, int] | None:
+def _coordinates(message: Any) -> tuple[PartitionKeys, int, int, int] | None:
+    """Partition keys, offset, epoch and attempt of a bridge message."""
     meta = message.options.get(OPTION)
     if not meta:
         return None
-    return PartitionKeys(meta["g"], meta["t"], int(meta["p"])), int(meta["o"]), int(meta["e"])
+    keys = PartitionKeys(meta["g"], meta["t"], int(meta["p"]))
+    return keys, int(meta["o"]), int(meta["e"]), int(meta.get("a", 1))
 
 
 class LedgerMiddleware(Middleware):
     """Writes start, success, final failure and skip of bridge messages to the ledger."""
 
-    def __init__(self, redis_url: str | None = None, lane_refresh_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        lane_refresh_interval: float | None = None,
+        heartbeat_interval: float | None = None,
+    ) -> None:
         self._redis_url = redis_url
         self._lane_refresh_interval = lane_refresh_interval
+        self._heartbeat_interval = heartbeat_interval
         self._ledger: Ledger | None = None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Records running in this process, for the heartbeat: (keys, offset) -> count.
+        self._running: dict[tuple[PartitionKeys, int], int] = {}
         self.ledger_write_failures = 0
 
     @property
@@ -64,23 +75,47 @@ class LedgerMiddleware(Middleware):
                 url = self._redis_url or settings.redis_url
                 if self._lane_refresh_interval is None:
                     self._lane_refresh_interval = settings.lane_refresh_interval
+                if self._heartbeat_interval is None:
+                    self._heartbeat_interval = settings.heartbeat_interval
                 self._ledger = Ledger(connect(url))
             return self._ledger
 
-    # -- lanes ------------------------------------------------------------------------------
+    # -- lanes and heartbeats ---------------------------------------------------------------
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._stop.clear()
         self._declare_lanes(broker)
-        self._watcher = threading.Thread(target=self._watch_lanes, args=(broker,), name="kdb-lane-watcher", daemon=True)
+        self._watcher = threading.Thread(target=self._background, args=(broker,), name="kdb-worker", daemon=True)
         self._watcher.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._stop.set()
 
-    def _watch_lanes(self, broker: dramatiq.Broker) -> None:
-        while not self._stop.wait(self._lane_refresh_interval or 1.0):
-            self._declare_lanes(broker)
+    def _background(self, broker: dramatiq.Broker) -> None:
+        """Declare new lanes, and send heartbeats for the records running in this process."""
+        lanes_every = self._lane_refresh_interval or 1.0
+        beats_every = self._heartbeat_interval or 5.0
+        next_lanes = next_beat = time.monotonic()
+        while not self._stop.wait(min(lanes_every, beats_every, 0.5)):
+            now = time.monotonic()
+            if now >= next_lanes:
+                self._declare_lanes(broker)
+                next_lanes = now + lanes_every
+            if now >= next_beat:
+                self._beat()
+                next_beat = now + beats_every
+
+    def _beat(self) -> None:
+        with self._lock:
+            running: dict[PartitionKeys, list[int]] = {}
+            for keys, offset in self._running:
+                running.setdefault(keys, []).append(offset)
+        if not running:
+            return
+        try:
+            self.ledger.beat(running)
+        except LedgerUnavailable as e:
+            logger.warning("heartbeat failed: %s", e)
 
     def _declare_lanes(self, broker: dramatiq.Broker) -> None:
         try:
@@ -102,15 +137,18 @@ class LedgerMiddleware(Middleware):
         found = _coordinates(message)
         if found is None:
             return
-        keys, offset, epoch = found
+        keys, offset, epoch, attempt = found
         where = f"{keys.topic}[{keys.partition}]@{offset}"
-        verdict = self.ledger.start(keys, offset, epoch, _worker_id())
+        verdict = self.ledger.start(keys, offset, epoch, _worker_id(), attempt)
         if verdict != "run":
-            # Stale epoch: the partition's new owner dispatches the record again. Done: a
-            # duplicate delivery of a finished record. Either way nothing is written.
+            # fenced: the partition's new owner dispatches the record again; superseded: the
+            # bridge dispatched a newer copy; done: a duplicate delivery of a finished record.
+            # Nothing is written either way.
             self._local.ours = message.message_id
-            logger.info("not running %s: %s (epoch %d)", where, verdict, epoch)
+            logger.info("not running %s: %s (epoch %d, attempt %d)", where, verdict, epoch, attempt)
             raise SkipMessage(verdict)
+        with self._lock:
+            self._running[(keys, offset)] = self._running.get((keys, offset), 0) + 1
         handler = handler_for_actor(message.actor_name)
         if handler is None or not message.args or not isinstance(message.args[0], dict):
             return
@@ -152,7 +190,11 @@ class LedgerMiddleware(Middleware):
         found = _coordinates(message)
         if found is None:
             return
-        keys, offset, _ = found
+        keys, offset, _, _ = found
+        with self._lock:
+            count = self._running.pop((keys, offset), 0)
+            if count > 1:
+                self._running[(keys, offset)] = count - 1
         detail: dict[str, Any] = {}
         if outcome == "failed":
             error = message.options.get("kdb_error")

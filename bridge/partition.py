@@ -30,7 +30,17 @@ class Entry:
     dispatched: bool = False
     done: bool = False
     dispatched_at: float = 0.0
+    checked_at: float = 0.0
     attempts: int = 0
+    size: int = 0
+    #: A final failure awaiting its dead letter: the failure detail.
+    failure: dict[str, Any] | None = None
+    #: Dead letter state: 0 none, -1 being written, > 0 monotonic time of the next try.
+    dead_letter_at: float = 0.0
+    dead_letter_tries: int = 0
+    #: Reached a final state in the task broker: no longer blocks its partition (key), though
+    #: it is not done until its dead letter is acknowledged.
+    released: bool = False
 
 
 @dataclass(slots=True)
@@ -79,12 +89,12 @@ class PartitionState:
             return _WHOLE_PARTITION
         return key
 
-    def deliver(self, offset: int, key: bytes | None, payload: Any) -> Entry:
+    def deliver(self, offset: int, key: bytes | None, payload: Any, size: int = 0) -> Entry:
         """Accept a polled record. Offsets must increase; a record the ledger already shows
         done is accepted as done and never dispatched."""
         if self._entries and offset <= self._entries[-1].offset:
             raise ValueError(f"offset {offset} delivered out of order after {self._entries[-1].offset}")
-        entry = Entry(offset, self.group_of(key), payload)
+        entry = Entry(offset, self.group_of(key), payload, size=size)
         self._entries.append(entry)
         self._by_offset[offset] = entry
         if self._next_commit is None:
@@ -136,10 +146,31 @@ class PartitionState:
                 taken.append(entry)
         for entry in taken:
             entry.dispatched = True
-            entry.dispatched_at = now
+            entry.dispatched_at = entry.checked_at = now
             entry.attempts += 1
             self.dispatched_open += 1
         return taken
+
+    def undispatch(self, entry: Entry) -> None:
+        """Put back a record whose dispatch failed, ahead of everything not yet dispatched."""
+        if not entry.dispatched or entry.done:
+            return
+        entry.dispatched = False
+        entry.attempts -= 1
+        self.dispatched_open -= 1
+        if self.ordering == "none":
+            self._fifo.appendleft(entry)
+            return
+        queue = self._queues.get(entry.group)
+        if queue is None:
+            queue = self._queues[entry.group] = _KeyQueue()
+        queue.entries.appendleft(entry)
+        queue.busy = False
+        self._push_ready(entry)
+
+    def entry(self, offset: int) -> Entry | None:
+        """The delivered, not yet committed record at ``offset``."""
+        return self._by_offset.get(offset)
 
     def has_ready(self) -> bool:
         return bool(self._fifo or self._ready)
@@ -153,7 +184,8 @@ class PartitionState:
         return low, high
 
     def dispatched_unfinished(self) -> list[Entry]:
-        return [e for e in self._entries if e.dispatched and not e.done]
+        """Records dispatched whose message has not reached a final state yet."""
+        return [e for e in self._entries if e.dispatched and not e.done and not e.released]
 
     # -- completion -------------------------------------------------------------------------
 
@@ -164,15 +196,21 @@ class PartitionState:
             entry = self._by_offset.get(offset)
             if entry is None or entry.done:
                 continue
+            self.release(entry)
             entry.done = True
             entry.payload = None
             self.open -= 1
             new += 1
-            if entry.dispatched:
-                self.dispatched_open -= 1
-                if self.ordering != "none":
-                    self._release(entry.group)
         return new
+
+    def release(self, entry: Entry) -> None:
+        """Let the next record of the entry's partition (key) run; the entry stays undone."""
+        if not entry.dispatched or entry.released or entry.done:
+            return
+        entry.released = True
+        self.dispatched_open -= 1
+        if self.ordering != "none":
+            self._release(entry.group)
 
     def _release(self, group: Hashable) -> None:
         queue = self._queues.get(group)
@@ -207,5 +245,5 @@ class PartitionState:
         return self._entries[-1].offset if self._entries else None
 
     def oldest_unfinished_dispatch(self) -> float | None:
-        times = [e.dispatched_at for e in self._entries if e.dispatched and not e.done]
+        times = [e.dispatched_at for e in self._entries if e.dispatched and not e.done]  # failing ones too
         return min(times) if times else None

@@ -3,10 +3,15 @@
 Everything runs on one thread, the one that calls :meth:`Bridge.run`; rebalance callbacks are
 invoked by the consumer from inside ``consume()`` on that same thread, so partition state needs
 no locks. The only cross-thread input is :meth:`Bridge.stop`, a flag.
+
+When the ledger (or the task broker) stops answering, the bridge pauses every partition and
+keeps polling, so it stays in the consumer group; it neither dispatches nor commits until the
+ledger answers again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,12 +26,21 @@ import dramatiq
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
 from .consumer import consumer_config, is_cooperative
-from .errors import FatalError
+from .deadletter import DeadLetters, Outcome, dead_letter_headers
+from .errors import (
+    ConfigurationError,
+    FatalError,
+    KafkaFatalError,
+    KafkaUnavailable,
+    LedgerUnavailable,
+    OffsetOutOfRange,
+    TaskBrokerUnavailable,
+)
 from .handlers import Handler, run_hooks
 from .keys import PartitionKeys, lane_name, status_key
 from .ledger import Ledger, Progress, connect
 from .middleware import OPTION
-from .partition import PartitionState
+from .partition import Entry, PartitionState
 from .record import envelope
 from .settings import Settings
 from .stats import Stats
@@ -34,6 +48,9 @@ from .stats import Stats
 logger = logging.getLogger("bridge")
 
 TP = tuple[str, int]
+
+#: Errors after which the bridge pauses, keeps its group membership, and retries with backoff.
+_OUTAGES = (LedgerUnavailable, TaskBrokerUnavailable)
 
 
 @dataclass(slots=True, eq=False)
@@ -48,14 +65,17 @@ class Owned:
     state: PartitionState
     window: int
     start_offset: int
-    handing_over: bool = False
-    waiting_logged: bool = False
+    dead_letter_topic: str | None
+    needs_setup: bool = False
+    handing_over: bool = True
     handover_deadline: float = 0.0
+    waiting_logged: bool = False
     paused: bool = False
     confirmed: int = -1
     requested: int = -1
     pruned: int = -1
-    assigned_at: float = field(default_factory=time.monotonic)
+    #: Final failures on their way to the dead-letter topic, by offset.
+    failing: dict[int, Entry] = field(default_factory=dict)
 
     @property
     def tp(self) -> TopicPartition:
@@ -77,12 +97,14 @@ class Bridge:
         *,
         ledger: Ledger | None = None,
         consumer_factory: Any = Consumer,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         if not handlers:
-            raise FatalError("no Kafka handlers registered")
+            raise ConfigurationError("no Kafka handlers registered")
         self.settings = settings
         self.handlers = dict(handlers)
         self.ledger = ledger or Ledger(connect(settings.redis_url))
+        self.dead_letters = dead_letters
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.owned: dict[TP, Owned] = {}
         self.stats = Stats()
@@ -90,9 +112,15 @@ class Bridge:
         self._consumer: Any = None
         self._cooperative = True
         self._stop = threading.Event()
+        self._fatal: FatalError | None = None
+        self._acked: list[Outcome] = []
+        self._outage_since: float | None = None
+        self._outage_retry_at = 0.0
+        self._outage_backoff = 0.0
         self._next_commit = 0.0
         self._next_progress = 0.0
         self._next_handover_check = 0.0
+        self._next_redispatch_check = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -105,14 +133,36 @@ class Bridge:
         return self._stop.is_set()
 
     def run(self) -> None:
-        config = consumer_config(
-            self.settings,
-            on_commit=self._on_commit,
-            error_cb=self._on_error,
-        )
+        """Run until :meth:`stop`; raises a :class:`FatalError` the bridge cannot recover from."""
+        try:
+            if self.start():
+                while not self._stop.is_set():
+                    self.poll_once()
+                if self._fatal is None:
+                    self._shutdown()
+        finally:
+            self.close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def start(self) -> bool:
+        """Create the consumer, wait for Kafka, check the topics and join the group.
+
+        Returns False when stopped before Kafka answered.
+        """
+        config = consumer_config(self.settings, on_commit=self._on_commit, error_cb=self._on_error)
         self._cooperative = is_cooperative(config)
-        self._consumer = self._consumer_factory(config)
+        try:
+            self._consumer = self._consumer_factory(config)
+        except KafkaException as e:
+            raise ConfigurationError(f"invalid Kafka configuration (BRIDGE_KAFKA / -X): {e.args[0].str()}") from None
         topics = sorted(self.handlers)
+        if not self._await_topics(topics):
+            return False
+        if self.dead_letters is None:
+            self.dead_letters = DeadLetters(self.settings)
+        if self.settings.create_dead_letter_topics:
+            self.dead_letters.ensure_topics(t for topic, h in self.handlers.items() if (t := h.dead_letter_for(topic)))
         logger.info(
             "bridge %s joining group %r on %s for topics %s",
             self.instance,
@@ -121,27 +171,71 @@ class Bridge:
             ", ".join(topics),
         )
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
-        try:
-            while not self._stop.is_set():
-                self._tick()
-            self._shutdown()
-        finally:
+        return True
+
+    def close(self) -> None:
+        """Leave the group (revoking what is owned) and release the consumer."""
+        if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
 
-    def _tick(self) -> None:
+    def _await_topics(self, topics: list[str]) -> bool:
+        """Wait for Kafka to answer, then check that the handlers' topics exist."""
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                metadata = self._consumer.list_topics(timeout=5)
+                break
+            except KafkaException as e:
+                logger.error(
+                    "cannot reach Kafka at %s (%s); retrying in %.0fs", self.settings.bootstrap_servers, e, delay
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        else:
+            return False
+        missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error is not None]
+        if missing and not self.settings.wait_for_topics:
+            raise ConfigurationError(
+                f"topic(s) {', '.join(missing)} do not exist; create them, or set BRIDGE_WAIT_FOR_TOPICS=true "
+                "to start anyway and wait for them"
+            )
+        if missing:
+            logger.warning("topic(s) %s do not exist yet; waiting for them", ", ".join(missing))
+        return True
+
+    def poll_once(self) -> None:
+        """One round of the main loop: poll, then everything the ledger and task broker allow."""
         busy = any(o.state.dispatched_open for o in self.owned.values())
-        timeout = 0.005 if busy else 0.05
-        messages = self._consumer.consume(num_messages=self.settings.poll_batch, timeout=timeout)
+        messages = self._consumer.consume(num_messages=self.settings.poll_batch, timeout=0.005 if busy else 0.05)
         for message in messages:
             self._accept(message)
+        if self.dead_letters is not None:
+            self._acked.extend(self.dead_letters.poll())
         now = time.monotonic()
+        if self._outage_since is not None and now < self._outage_retry_at:
+            return
+        try:
+            if self._outage_since is not None:
+                self._recover(now)
+            self._work(now)
+        except _OUTAGES as e:
+            self._outage(e, now)
+
+    def _work(self, now: float) -> None:
+        """One round of everything that needs the ledger or the task broker."""
+        self._setup_pending(now)
         if now >= self._next_handover_check:
             self._check_handovers(now)
             self._next_handover_check = now + 0.05
+        self._settle_dead_letters(now)
         self._read_ledger()
         if not self._stop.is_set():
             self._dispatch(now)
+            if now >= self._next_redispatch_check:
+                self._redispatch(now)
+                self._next_redispatch_check = now + 1.0
+        self._send_dead_letters(now)
         self._apply_backpressure()
         if now >= self._next_commit:
             self._commit(list(self.owned.values()), asynchronous=True)
@@ -161,19 +255,63 @@ class Bridge:
                 self._consumer.pause([owned.tp])
                 owned.paused = True
         deadline = time.monotonic() + self.settings.shutdown_timeout
-        while self._dispatched_open() and time.monotonic() < deadline:
+        while (self._dispatched_open() or self._failing()) and time.monotonic() < deadline:
             # Keep polling: a consumer that stops polling is evicted from the group.
             for message in self._consumer.consume(num_messages=self.settings.poll_batch, timeout=0.01):
                 self._accept(message)
-            self._read_ledger()
+            if self.dead_letters is not None:
+                self._acked.extend(self.dead_letters.poll())
+            try:
+                now = time.monotonic()
+                self._settle_dead_letters(now)
+                self._read_ledger()
+                self._send_dead_letters(now)
+            except _OUTAGES as e:
+                logger.error("stopping without the ledger: %s", e)
+                break
         left = self._dispatched_open()
         if left:
             logger.warning("stopping with %d dispatched records unfinished; they will run again", left)
         self._commit(list(self.owned.values()), asynchronous=False)
-        self._report(time.monotonic())
+        with contextlib.suppress(*_OUTAGES):
+            self._report(time.monotonic())
 
     def _dispatched_open(self) -> int:
         return sum(o.state.dispatched_open for o in self.owned.values())
+
+    def _failing(self) -> int:
+        return sum(len(o.failing) for o in self.owned.values())
+
+    # -- outages ----------------------------------------------------------------------------
+
+    def _outage(self, error: Exception, now: float) -> None:
+        first = self._outage_since is None
+        if first:
+            self._outage_since = now
+            self._outage_backoff = 0.5
+        else:
+            self._outage_backoff = min(self._outage_backoff * 2, 10.0)
+        self._outage_retry_at = now + self._outage_backoff
+        for owned in self.owned.values():
+            if not owned.paused:
+                self._consumer.pause([owned.tp])
+                owned.paused = True
+        log = logger.error if first or self._outage_backoff >= 10.0 else logger.warning
+        log(
+            "%s; partitions paused, not dispatching or committing, retrying in %.1fs",
+            error,
+            self._outage_backoff,
+        )
+
+    def _recover(self, now: float) -> None:
+        self.ledger.ping()
+        assert self._outage_since is not None
+        logger.info("ledger answers again after %.1fs; resuming", now - self._outage_since)
+        self._outage_since = None
+        # Time spent in the outage is no sign of a lost message: restart the clocks.
+        for owned in self.owned.values():
+            for entry in owned.state.dispatched_unfinished():
+                entry.checked_at = now
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -185,31 +323,26 @@ class Bridge:
         owned = self.owned.get((message.topic(), message.partition()))
         if owned is None:
             return
+        key, value, headers = message.key(), message.value(), message.headers()
         ts_type, ts = message.timestamp()
+        size = len(key or b"") + len(value or b"") + sum(len(n) + len(v or b"") for n, v in headers or ())
         owned.state.deliver(
             message.offset(),
-            message.key(),
-            envelope(
-                owned.topic,
-                owned.partition,
-                message.offset(),
-                message.key(),
-                message.value(),
-                message.headers(),
-                ts if ts_type else None,
-            ),
+            key,
+            envelope(owned.topic, owned.partition, message.offset(), key, value, headers, ts if ts_type else None),
+            size,
         )
         self.stats.delivered += 1
 
     def _on_consume_error(self, message: Any, error: KafkaError) -> None:
         where = f"{message.topic()}[{message.partition()}]" if message.topic() else "consumer"
         if error.code() == KafkaError._AUTO_OFFSET_RESET:
-            raise FatalError(
+            raise OffsetOutOfRange(
                 f"{where}: the committed offset is out of range ({error.str()}); the bridge does not "
                 "reset offsets silently. Inspect the group and reset it explicitly."
             )
         if error.fatal():
-            raise FatalError(f"{where}: fatal Kafka error: {error.str()}")
+            raise KafkaFatalError(f"{where}: fatal Kafka error: {error.str()}")
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             logger.error("%s: topic does not exist (%s); waiting for it", where, error.str())
             return
@@ -218,7 +351,10 @@ class Bridge:
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
             logger.critical("fatal Kafka error: %s", error.str())
+            self._fatal = KafkaFatalError(f"fatal Kafka error: {error.str()}")
             self.stop()
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            logger.error("Kafka at %s: %s", self.settings.bootstrap_servers, error.str())
         else:
             logger.warning("Kafka: %s", error.str())
 
@@ -231,32 +367,92 @@ class Bridge:
                 return
             if owned.handing_over or not owned.state.has_ready():
                 continue
-            for entry in owned.state.take_ready(room, now):
-                message: dramatiq.Message[Any] = dramatiq.Message(
-                    queue_name=owned.lane,
-                    actor_name=owned.handler.actor.actor_name,
-                    args=(entry.payload,),
-                    kwargs={},
-                    options={
-                        OPTION: {
-                            "g": self.settings.group_id,
-                            "t": owned.topic,
-                            "p": owned.partition,
-                            "o": entry.offset,
-                            "e": owned.state.epoch,
-                        }
-                    },
-                )
-                owned.handler.actor.broker.enqueue(message)
-                entry.payload = None
-                room -= 1
+            taken = owned.state.take_ready(room, now)
+            for i, entry in enumerate(taken):
+                if entry.size > self.settings.max_message_bytes:
+                    self._fail(
+                        owned,
+                        entry,
+                        now,
+                        "too-large",
+                        {
+                            "error": {
+                                "type": "RecordTooLarge",
+                                "message": f"{entry.size} bytes exceed BRIDGE_MAX_MESSAGE_BYTES "
+                                f"({self.settings.max_message_bytes})",
+                            },
+                            "attempts": 0,
+                        },
+                    )
+                    continue
+                try:
+                    self._enqueue(owned, entry)
+                except TaskBrokerUnavailable:
+                    for rest in reversed(taken[i:]):
+                        owned.state.undispatch(rest)
+                    raise
                 self.stats.dispatched += 1
+            room -= len(taken)
+
+    def _enqueue(self, owned: Owned, entry: Entry, attempt: int = 1) -> None:
+        meta: dict[str, Any] = {
+            "g": self.settings.group_id,
+            "t": owned.topic,
+            "p": owned.partition,
+            "o": entry.offset,
+            "e": owned.state.epoch,
+        }
+        if attempt > 1:
+            meta["a"] = attempt
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=owned.lane,
+            actor_name=owned.handler.actor.actor_name,
+            args=(entry.payload,),
+            kwargs={},
+            options={OPTION: meta},
+        )
+        try:
+            owned.handler.actor.broker.enqueue(message)
+        except Exception as e:
+            raise TaskBrokerUnavailable(
+                f"enqueue of {owned.where}@{entry.offset} on lane {owned.lane} failed: {e}"
+            ) from e
+
+    def _redispatch(self, now: float) -> None:
+        """Dispatch again records that show no sign of life for ``redispatch_timeout``."""
+        timeout = self.settings.redispatch_timeout
+        for owned in self.owned.values():
+            if owned.handing_over:
+                continue
+            stale = [
+                e for e in owned.state.dispatched_unfinished() if e.failure is None and now - e.checked_at > timeout
+            ]
+            if not stale:
+                continue
+            seen = self.ledger.last_seen(owned.keys, [e.offset for e in stale])
+            wall_ms = time.time() * 1000
+            for entry in stale:
+                last = seen.get(entry.offset)
+                entry.checked_at = now
+                if last is not None and wall_ms - last < timeout * 1000:
+                    continue
+                attempt = self.ledger.next_attempt(owned.keys, entry.offset)
+                logger.warning(
+                    "%s@%d: no sign of life for %.0fs (its message was lost in the task broker or its "
+                    "worker died); dispatching it again as attempt %d",
+                    owned.where,
+                    entry.offset,
+                    timeout,
+                    attempt,
+                )
+                self._enqueue(owned, entry, attempt)
+                self.stats.redispatched += 1
 
     def _apply_backpressure(self) -> None:
         total = sum(o.state.open for o in self.owned.values())
         over_total = total >= self.settings.max_in_flight
         for owned in self.owned.values():
-            want = over_total or owned.state.open >= owned.window
+            want = over_total or owned.state.open >= owned.window or owned.needs_setup
             if want != owned.paused:
                 (self._consumer.pause if want else self._consumer.resume)([owned.tp])
                 owned.paused = want
@@ -267,7 +463,7 @@ class Bridge:
         spans: dict[PartitionKeys, tuple[int, int]] = {}
         by_keys: dict[PartitionKeys, Owned] = {}
         for owned in only if only is not None else self.owned.values():
-            if not owned.state.dispatched_open:
+            if not owned.state.dispatched_open or owned.needs_setup:
                 continue
             span = owned.state.unfinished_span()
             if span is not None:
@@ -275,27 +471,105 @@ class Bridge:
                 by_keys[owned.keys] = owned
         if not spans:
             return
+        now = time.monotonic()
         for keys, progress in self.ledger.progress(spans).items():
-            self._apply_progress(by_keys[keys], progress)
+            self._apply_progress(by_keys[keys], progress, now)
 
-    def _apply_progress(self, owned: Owned, progress: Progress) -> None:
+    def _apply_progress(self, owned: Owned, progress: Progress, now: float) -> None:
         self.stats.done += owned.state.mark_done(progress.done)
-        if progress.failed:
-            for offset, detail in sorted(progress.failed.items()):
-                error = detail.get("error") or {}
-                logger.error(
-                    "%s@%d: final failure in %s after %s attempt(s): %s: %s; advancing past it",
-                    owned.where,
-                    offset,
-                    detail.get("actor", owned.handler.name),
-                    detail.get("attempts", "?"),
-                    error.get("type"),
-                    error.get("message"),
-                )
-            self.ledger.settle(owned.keys, progress.failed)
-            new = owned.state.mark_done(progress.failed)
+        for offset in progress.done:
+            owned.failing.pop(offset, None)  # a later copy succeeded: no dead letter needed
+        for offset, detail in sorted(progress.failed.items()):
+            entry = owned.state.entry(offset)
+            if entry is None or entry.done or entry.failure is not None:
+                continue
+            error_type = (detail.get("error") or {}).get("type")
+            self._fail(owned, entry, now, "undecodable" if error_type == "DecodeError" else "final-failure", detail)
+
+    # -- final failures and dead letters ----------------------------------------------------
+
+    def _fail(self, owned: Owned, entry: Entry, now: float, reason: str, detail: dict[str, Any]) -> None:
+        """Route a final failure to the dead-letter topic; its offset waits for Kafka's ack."""
+        error = detail.get("error") or {}
+        detail = {**detail, "reason": reason}
+        entry.failure = detail
+        owned.failing[entry.offset] = entry
+        owned.state.release(entry)
+        self.stats.failed += 1
+        logger.error(
+            "%s@%d: %s in %s after %s attempt(s): %s: %s; %s",
+            owned.where,
+            entry.offset,
+            reason,
+            detail.get("actor", owned.handler.name),
+            detail.get("attempts", "?"),
+            error.get("type"),
+            error.get("message"),
+            f"writing it to {owned.dead_letter_topic}" if owned.dead_letter_topic else "dead-lettering is off",
+        )
+        if owned.dead_letter_topic is None:
+            self._acked.append(Outcome(owned.topic, owned.partition, entry.offset, None))
+        else:
+            entry.dead_letter_at = now
+
+    def _send_dead_letters(self, now: float) -> None:
+        if self.dead_letters is None:
+            return
+        for owned in self.owned.values():
+            if owned.dead_letter_topic is None:
+                continue
+            for entry in owned.failing.values():
+                if 0 < entry.dead_letter_at <= now and entry.failure is not None:
+                    entry.dead_letter_at = -1
+                    headers = dead_letter_headers(
+                        entry.payload,
+                        group=self.settings.group_id,
+                        handler=owned.handler.name,
+                        reason=str(entry.failure["reason"]),
+                        detail=entry.failure,
+                    )
+                    self.dead_letters.send(owned.dead_letter_topic, entry.payload, headers)
+
+    def _settle_dead_letters(self, now: float) -> None:
+        """Turn acknowledged dead letters into done facts; schedule failed writes again."""
+        if not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        settled: dict[TP, list[int]] = {}
+        for outcome in acked:
+            owned = self.owned.get((outcome.topic, outcome.partition))
+            entry = owned.failing.get(outcome.offset) if owned else None
+            if owned is None or entry is None:
+                continue  # revoked meanwhile: the next owner handles the record again
+            if outcome.error is None:
+                settled.setdefault((owned.topic, owned.partition), []).append(outcome.offset)
+                continue
+            entry.dead_letter_tries += 1
+            delay = min(2.0**entry.dead_letter_tries, 60.0)
+            entry.dead_letter_at = now + delay
+            logger.error(
+                "%s@%d: writing to dead-letter topic %s failed (%s); retrying in %.0fs, the offset waits",
+                owned.where,
+                outcome.offset,
+                owned.dead_letter_topic,
+                outcome.error,
+                delay,
+            )
+        items = list(settled.items())
+        for i, ((topic, partition), offsets) in enumerate(items):
+            owned = self.owned[(topic, partition)]
+            try:
+                self.ledger.settle(owned.keys, offsets)
+            except LedgerUnavailable:
+                # Keep the acknowledgements; they are settled once the ledger answers.
+                self._acked.extend(Outcome(t, p, o, None) for (t, p), offs in items[i:] for o in offs)
+                raise
+            for offset in offsets:
+                del owned.failing[offset]
+            new = owned.state.mark_done(offsets)
             self.stats.done += new
-            self.stats.failed += new
+            if owned.dead_letter_topic is not None:
+                self.stats.dead_lettered += new
 
     # -- commits ----------------------------------------------------------------------------
 
@@ -309,18 +583,16 @@ class Bridge:
                 continue
             owned.requested = target
             offsets.append(TopicPartition(owned.topic, owned.partition, target))
-        if not offsets:
-            self._prune()
-            return
-        try:
-            result = self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        except KafkaException as e:
-            for owned in partitions:
-                owned.requested = owned.confirmed
-            logger.warning("commit failed, will retry: %s", e)
-            return
-        if not asynchronous and result:
-            self._confirm(result)
+        if offsets:
+            try:
+                result = self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            except KafkaException as e:
+                for owned in partitions:
+                    owned.requested = owned.confirmed
+                logger.warning("commit failed, will retry: %s", e)
+                return
+            if not asynchronous and result:
+                self._confirm(result)
         self._prune()
 
     def _commit_target(self, owned: Owned) -> int | None:
@@ -359,41 +631,53 @@ class Bridge:
                 self.stats.commits += 1
 
     def _prune(self) -> None:
-        due = {o.keys: o.confirmed for o in self.owned.values() if o.confirmed > o.pruned}
-        if not due:
+        due = {o.keys: o.confirmed for o in self.owned.values() if o.confirmed > o.pruned and not o.needs_setup}
+        if not due or self._outage_since is not None:
             return
-        self.ledger.prune(due)
+        try:
+            self.ledger.prune(due)
+        except LedgerUnavailable as e:
+            logger.warning("pruning the ledger failed, will retry: %s", e)
+            return
         for owned in self.owned.values():
             if owned.keys in due:
                 owned.pruned = due[owned.keys]
 
     # -- rebalances -------------------------------------------------------------------------
 
+    def _committed(self, consumer: Any, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        for attempt in range(3):
+            try:
+                return list(consumer.committed(partitions, timeout=10))
+            except KafkaException as e:
+                logger.warning("reading committed offsets failed (attempt %d): %s", attempt + 1, e)
+        raise KafkaUnavailable("cannot read the group's committed offsets for newly assigned partitions")
+
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if not partitions:
-            if self._cooperative:
-                consumer.incremental_assign([])
-            else:
-                consumer.assign([])
+            (consumer.incremental_assign if self._cooperative else consumer.assign)([])
             return
-        committed = consumer.committed(partitions, timeout=30)
-        keys = [PartitionKeys(self.settings.group_id, tp.topic, tp.partition) for tp in committed]
-        epochs = self.ledger.bump_epochs(keys)
-        lanes = {lane_name(self.settings.group_id, tp.topic, tp.partition): tp.topic for tp in committed}
-        self.ledger.open_lanes(lanes)
+        committed = self._committed(consumer, partitions)
+        group = self.settings.group_id
+        keys = [PartitionKeys(group, tp.topic, tp.partition) for tp in committed]
+        lanes = {lane_name(group, tp.topic, tp.partition): tp.topic for tp in committed}
+        try:
+            epochs: list[int] | None = self.ledger.bump_epochs(keys)
+            self.ledger.open_lanes(lanes)
+        except LedgerUnavailable as e:
+            logger.error("%s; newly assigned partitions stay paused until the ledger answers", e)
+            epochs = None
         start_list: list[TopicPartition] = []
         now = time.monotonic()
-        for tp, pkeys, epoch in zip(committed, keys, epochs, strict=True):
+        for i, (tp, pkeys) in enumerate(zip(committed, keys, strict=True)):
             handler = self.handlers[tp.topic]
-            if tp.offset >= 0:
-                start = tp.offset
-                start_list.append(TopicPartition(tp.topic, tp.partition, tp.offset))
+            start = tp.offset if tp.offset >= 0 else -1
+            if start >= 0:
+                start_list.append(TopicPartition(tp.topic, tp.partition, start))
             else:
-                start = -1
                 reset = OFFSET_BEGINNING if handler.offset_reset == "earliest" else OFFSET_END
                 start_list.append(TopicPartition(tp.topic, tp.partition, reset))
-            lane = lane_name(self.settings.group_id, tp.topic, tp.partition)
-            handler.actor.broker.declare_queue(lane)
+            lane = lane_name(group, tp.topic, tp.partition)
             owned = Owned(
                 topic=tp.topic,
                 partition=tp.partition,
@@ -401,36 +685,56 @@ class Bridge:
                 keys=pkeys,
                 lane=lane,
                 state=PartitionState(
-                    ordering=handler.ordering, epoch=epoch, start_offset=start if start >= 0 else None
+                    ordering=handler.ordering,
+                    epoch=epochs[i] if epochs else 0,
+                    start_offset=start if start >= 0 else None,
                 ),
                 window=handler.window or self.settings.window,
                 start_offset=start,
+                dead_letter_topic=handler.dead_letter_for(tp.topic),
+                needs_setup=epochs is None,
+                handover_deadline=now + self.settings.handover_timeout,
                 confirmed=start,
                 requested=start,
-                pruned=-1,
             )
-            owned.handing_over = True
-            owned.handover_deadline = now + self.settings.handover_timeout
+            if epochs is not None:
+                handler.actor.broker.declare_queue(lane)
             self.owned[(tp.topic, tp.partition)] = owned
             logger.info(
-                "assigned %s: epoch %d, starting at %s",
+                "assigned %s: epoch %s, starting at %s",
                 owned.where,
-                epoch,
+                owned.state.epoch if epochs else "pending",
                 start if start >= 0 else f"{handler.offset_reset} (no committed offset)",
             )
-        if self._cooperative:
-            consumer.incremental_assign(start_list)
-        else:
-            consumer.assign(start_list)
+        (consumer.incremental_assign if self._cooperative else consumer.assign)(start_list)
+        if epochs is None:
+            consumer.pause([TopicPartition(tp.topic, tp.partition) for tp in committed])
+            for tp in committed:
+                self.owned[(tp.topic, tp.partition)].paused = True
+            if self._outage_since is None:
+                self._outage(LedgerUnavailable("ledger unavailable during assignment"), now)
         self.stats.rebalances += 1
-        self._check_handovers(now)
         for tp in committed:
-            run_hooks("assigned", tp.topic, tp.partition, self.settings.group_id)
+            run_hooks("assigned", tp.topic, tp.partition, group)
+
+    def _setup_pending(self, now: float) -> None:
+        """Finish assignments made while the ledger was unavailable."""
+        pending = [o for o in self.owned.values() if o.needs_setup]
+        if not pending:
+            return
+        epochs = self.ledger.bump_epochs([o.keys for o in pending])
+        self.ledger.open_lanes({o.lane: o.topic for o in pending})
+        for owned, epoch in zip(pending, epochs, strict=True):
+            owned.state.epoch = epoch
+            owned.needs_setup = False
+            owned.handover_deadline = now + self.settings.handover_timeout
+            owned.handler.actor.broker.declare_queue(owned.lane)
+            logger.info("%s: epoch %d", owned.where, epoch)
 
     def _check_handovers(self, now: float) -> None:
         """Activate newly owned partitions once records of older assignments stopped running."""
         for owned in self.owned.values():
-            if not owned.handing_over:
+            if not owned.handing_over or owned.needs_setup:
                 continue
             if owned.handler.ordering != "none":
                 running = self.ledger.running(owned.keys)
@@ -461,9 +765,19 @@ class Bridge:
         revoked = [o for tp in partitions if (o := self.owned.get((tp.topic, tp.partition))) is not None]
         if revoked:
             deadline = time.monotonic() + self.settings.drain_timeout
-            while any(o.state.dispatched_open for o in revoked) and time.monotonic() < deadline:
-                self._read_ledger(revoked)
-                time.sleep(0.01)
+            try:
+                while time.monotonic() < deadline and (
+                    any(o.state.dispatched_open for o in revoked) or any(o.failing for o in revoked)
+                ):
+                    if self.dead_letters is not None:
+                        self._acked.extend(self.dead_letters.poll())
+                    now = time.monotonic()
+                    self._settle_dead_letters(now)
+                    self._read_ledger(revoked)
+                    self._send_dead_letters(now)
+                    time.sleep(0.01)
+            except _OUTAGES as e:
+                logger.error("revoke: cannot drain without the ledger (%s); committing what is known done", e)
             left = sum(o.state.dispatched_open for o in revoked)
             if left:
                 logger.warning(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigurationError
 
@@ -37,6 +37,8 @@ class WorkerSettings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     #: Seconds between a worker's looks for new lanes (new partitions, new topics).
     lane_refresh_interval: float = Field(1.0, gt=0, le=60)
+    #: Seconds between a worker's heartbeats for the records it is running.
+    heartbeat_interval: float = Field(5.0, gt=0, le=600)
 
     @field_validator("redis_url")
     @classmethod
@@ -73,6 +75,16 @@ class Settings(WorkerSettings):
     shutdown_timeout: float = Field(30.0, ge=0, le=3600)
     #: Seconds between one-line progress summaries in the log (0 turns them off).
     progress_interval: float = Field(10.0, ge=0, le=3600)
+    #: Seconds a dispatched record may show no sign of life (no start, no worker heartbeat)
+    #: before it is dispatched again; covers messages lost in the task broker.
+    redispatch_timeout: float = Field(120.0, gt=0, le=86400)
+    #: Largest record (key + value + headers, in bytes) sent to the task broker; larger records
+    #: go to the dead-letter topic.
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    #: Create missing dead-letter topics at start (one partition, the broker's replication).
+    create_dead_letter_topics: bool = True
+    #: Start even when a handler topic does not exist yet, and wait for it.
+    wait_for_topics: bool = False
     #: Most records taken from the consumer in one poll.
     poll_batch: int = Field(500, ge=1, le=100_000)
     #: Log level of the bridge process.
@@ -119,6 +131,10 @@ def load_settings(**overrides: Any) -> Settings:
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**given)
+    except SettingsError as e:
+        # Raised for a value that is not even parseable, e.g. BRIDGE_KAFKA that is not JSON.
+        field = str(e).split('"')[1] if '"' in str(e) else "settings"
+        raise ConfigurationError(f"invalid configuration: BRIDGE_{field.upper()}: {e}") from None
     except ValidationError as e:
         problems = []
         for error in e.errors():

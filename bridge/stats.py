@@ -11,6 +11,8 @@ class Stats:
     dispatched: int = 0
     done: int = 0
     failed: int = 0
+    dead_lettered: int = 0
+    redispatched: int = 0
     commits: int = 0
     rebalances: int = 0
     _last: tuple[float, int, int] | None = field(default=None, repr=False)
@@ -32,5 +34,5 @@ class Stats:
         return (
             f"progress: dispatched {dispatch_rate:.0f}/s, done {done_rate:.0f}/s, in-flight {in_flight}, "
             f"lag {lag}, partitions {partitions} ({paused} paused), failed {self.failed}, "
-            f"total done {self.done}"
+            f"dead-lettered {self.dead_lettered}, re-dispatched {self.redispatched}, total done {self.done}"
         )

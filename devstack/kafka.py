@@ -97,7 +97,9 @@ class KafkaServer(Service):
 
     @property
     def port(self) -> int:
-        """Broker (PLAINTEXT) port; known once the server has been started or configured."""
+        """Broker (PLAINTEXT) port; known once the server has been started, or when given."""
+        if self._state is None and self._requested_port is not None:
+            return self._requested_port
         return int(self._require_state()["port"])
 
     @property

@@ -95,8 +95,10 @@ def pipeline_factory(
 ) -> Iterator[Callable[..., Pipeline]]:
     made: list[Pipeline] = []
 
-    def make(topics: list[str], **options: str) -> Pipeline:
-        pipeline = Pipeline(kafka, redis_server.url, topics, tmp_path, **options)
+    def make(
+        topics: list[str], *, kafka_endpoint: KafkaEndpoint | None = None, redis_url: str | None = None, **options: str
+    ) -> Pipeline:
+        pipeline = Pipeline(kafka_endpoint or kafka, redis_url or redis_server.url, topics, tmp_path, **options)
         made.append(pipeline)
         return pipeline
 

@@ -16,7 +16,7 @@ import redis
 from tests.integration.conftest import Pipeline
 from tests.support.bridge_proc import REPO
 from tests.support.history import check, read_events
-from tests.support.kafka import produce_keyed
+from tests.support.kafka import produce_keyed, read_raw
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -171,6 +171,15 @@ def test_a_failing_record_is_retried_then_advances_and_later_records_wait_for_it
     assert report.order_violations == []
     assert report.overlaps == []
     assert_complete(report, pipeline.ends())
+    dead = read_raw(pipeline.kafka.bootstrap_servers, f"{topic}.dlq", len(failing))
+    dead_letters = {(int(h["kdb.partition"]), int(h["kdb.offset"])): h for m in dead for h in [dict(m.headers())]}
+    assert set(dead_letters) == failing, "exactly the failed records are dead-lettered, once each"
+    assert len(dead) == len(failing)
+    for h in dead_letters.values():
+        assert h["kdb.reason"] == b"final-failure"
+        assert h["kdb.error.type"] == b"Planned"
+        assert h["kdb.attempts"] == b"3"
+        assert h["kdb.handler"] == b"record_event"
 
 
 def test_binary_keys_values_and_duplicate_binary_headers_arrive_unchanged(

@@ -9,6 +9,9 @@ check order, overlap, duplicates and completeness from a single totally ordered 
   KDB_TEST_FAIL_KEYS    comma-separated record keys whose every attempt raises
   KDB_TEST_MAX_RETRIES  dramatiq max_retries (default 0)
   KDB_TEST_EVENTS       Redis list of events (default kdb-test:events)
+  KDB_TEST_VALUE_CODEC  the handler's value codec (default bytes)
+  KDB_TEST_DLQ          dead-letter topic: a name, "off", or unset for the default
+  KDB_TEST_FAIL_SET     Redis set of record keys whose attempts raise, read on every call
 """
 
 from __future__ import annotations
@@ -33,15 +36,21 @@ _sleep = os.environ.get("KDB_TEST_SLEEP_MS", "0")
 _low, _, _high = _sleep.partition("-")
 SLEEP = (float(_low) / 1000, float(_high or _low) / 1000)
 FAIL_KEYS = {k.encode() for k in os.environ.get("KDB_TEST_FAIL_KEYS", "").split(",") if k}
+FAIL_SET = os.environ.get("KDB_TEST_FAIL_SET")
 
 
 class Planned(Exception):
     """The failure a test asked for."""
 
 
+_dlq = os.environ.get("KDB_TEST_DLQ")
+
+
 @kafka_handler(
     [t for t in os.environ["KDB_TEST_TOPICS"].split(",") if t],
     ordering=os.environ.get("KDB_TEST_ORDERING", "partition"),  # type: ignore[arg-type]
+    value_codec=os.environ.get("KDB_TEST_VALUE_CODEC", "bytes"),  # type: ignore[arg-type]
+    dead_letter_topic=True if _dlq is None else False if _dlq == "off" else _dlq,
 )
 @dramatiq.actor(
     max_retries=int(os.environ.get("KDB_TEST_MAX_RETRIES", "0")), min_backoff=20, max_backoff=100
@@ -54,7 +63,7 @@ def record_event(record: Record) -> None:
     try:
         if SLEEP[1] > 0:
             time.sleep(random.uniform(*SLEEP))
-        if record.key in FAIL_KEYS:
+        if record.key in FAIL_KEYS or (FAIL_SET and record.key and _events.sismember(FAIL_SET, record.key)):
             outcome = "fail"
             raise Planned(f"planned failure of {record.topic}[{record.partition}]@{record.offset}")
         if record.headers:

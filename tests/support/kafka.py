@@ -233,3 +233,26 @@ def delete_topics(admin: AdminClient, names: list[str], timeout: float = 30.0) -
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise
+
+
+def read_raw(bootstrap_servers: str, topic: str, expected: int, *, timeout: float = 60.0,
+             settle: float = 2.0) -> list[Message]:
+    """Every message of ``topic`` from the beginning: waits for ``expected`` messages, then
+    ``settle`` seconds more so that extra (duplicate) messages are seen too."""
+    c = consumer(bootstrap_servers, unique_name("reader"))
+    messages: list[Message] = []
+    try:
+        c.subscribe([topic])
+        deadline = time.monotonic() + timeout
+        quiet_until: float | None = None
+        while time.monotonic() < deadline:
+            for msg in c.consume(num_messages=500, timeout=0.5):
+                if msg.error() is None:
+                    messages.append(msg)
+            if len(messages) >= expected:
+                quiet_until = quiet_until or time.monotonic() + settle
+                if time.monotonic() >= quiet_until:
+                    break
+    finally:
+        c.close()
+    return messages

@@ -133,3 +133,16 @@ def test_unfinished_span_covers_the_lowest_and_highest_unfinished_offsets() -> N
     state.take_ready(10)
     state.mark_done([0, 3])
     assert state.unfinished_span() == (1, 2)
+
+
+@pytest.mark.parametrize("ordering", ["partition", "key", "none"])
+def test_a_record_put_back_after_a_failed_dispatch_goes_out_again_first(ordering: str) -> None:
+    state = PartitionState(ordering=ordering, epoch=1, start_offset=0)  # type: ignore[arg-type]
+    deliver(state, [0, 1, 2], key=b"k")
+    taken = state.take_ready(10)
+    for entry in reversed(taken):
+        state.undispatch(entry)
+    assert state.dispatched_open == 0
+    again = state.take_ready(10)
+    assert [e.offset for e in again] == [e.offset for e in taken]
+    assert again[0].offset == 0

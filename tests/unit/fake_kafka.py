@@ -1,0 +1,141 @@
+"""A scripted stand-in for confluent_kafka.Consumer: enough of its surface for the bridge's
+main loop, with every commit, pause and assignment recorded for assertions."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+
+@dataclass
+class FakeMessage:
+    _topic: str
+    _partition: int
+    _offset: int
+    _key: bytes | None = b"k"
+    _value: bytes | None = b"v"
+    _headers: list[tuple[str, bytes | None]] | None = None
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes | None]] | None:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000 + self._offset)
+
+
+@dataclass
+class FakeConsumer:
+    """Partitions and their logs; ``assign``/``revoke``/``lose`` schedule rebalance callbacks,
+    which run inside the next ``consume`` as with the real client."""
+
+    config: dict[str, Any]
+    logs: dict[tuple[str, int], list[FakeMessage]] = field(default_factory=dict)
+    committed_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
+    paused: set[tuple[str, int]] = field(default_factory=set)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    assigned: set[tuple[str, int]] = field(default_factory=set)
+    _callbacks: dict[str, Any] = field(default_factory=dict)
+    _events: deque[tuple[str, list[tuple[str, int]]]] = field(default_factory=deque)
+    _pending_commit_reports: list[list[TopicPartition]] = field(default_factory=list)
+
+    def add(self, topic: str, partition: int, count: int, **fields: Any) -> None:
+        log = self.logs.setdefault((topic, partition), [])
+        start = len(log)
+        log.extend(FakeMessage(topic, partition, start + i, **fields) for i in range(count))
+
+    def assign(self, *tps: tuple[str, int]) -> None:
+        self._events.append(("assign", list(tps)))
+
+    def revoke(self, *tps: tuple[str, int]) -> None:
+        self._events.append(("revoke", list(tps)))
+
+    def lose(self, *tps: tuple[str, int]) -> None:
+        self._events.append(("lost", list(tps)))
+
+    # -- the consumer surface ----------------------------------------------------------------
+
+    def list_topics(self, topic: str | None = None, timeout: float = 0) -> Any:
+        return SimpleNamespace(topics={t: SimpleNamespace(error=None) for t, _ in self.logs})
+
+    def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any, on_lost: Any) -> None:
+        self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        for report in self._pending_commit_reports:
+            self.config["on_commit"](None, report)
+        self._pending_commit_reports.clear()
+        while self._events:
+            kind, tps = self._events.popleft()
+            self._callbacks[kind](self, [TopicPartition(t, p) for t, p in tps])
+            if kind != "assign":
+                self.assigned -= set(tps)
+        out: list[FakeMessage] = []
+        for tp in sorted(self.assigned):
+            if tp in self.paused:
+                continue
+            log = self.logs.get(tp, [])
+            while self.positions.get(tp, 0) < len(log) and len(out) < num_messages:
+                out.append(log[self.positions[tp]])
+                self.positions[tp] += 1
+        return out
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self.assigned.add(key)
+            self.positions[key] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> list[TopicPartition] | None:
+        done = {(tp.topic, tp.partition): tp.offset for tp in offsets}
+        for key, value in done.items():
+            assert value >= self.committed_offsets.get(key, 0), f"commit of {key} went backwards"
+        self.commits.append(done)
+        self.committed_offsets.update(done)
+        result = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in offsets]
+        if asynchronous:
+            self._pending_commit_reports.append(result)
+            return None
+        return result
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float = 0) -> tuple[int, int]:
+        return 0, len(self.logs.get((tp.topic, tp.partition), []))
+
+    def close(self) -> None:
+        pass
