@@ -29,6 +29,9 @@ def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
         "queued.max.messages.kbytes": 16384,
         # Notice partitions added to a topic within half a minute (librdkafka's default is 5).
         "topic.metadata.refresh.interval.ms": 30000,
+        # The bridge polls every few milliseconds (handlers run in workers), so a short poll
+        # interval costs nothing and bounds how long a join lost in a broker restart can hang.
+        "max.poll.interval.ms": 60000,
     }
     if settings.group_protocol == "classic":
         config["partition.assignment.strategy"] = "cooperative-sticky"

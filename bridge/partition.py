@@ -75,6 +75,7 @@ class PartitionState:
         self.last_committed: int | None = None
         self.open = 0
         self.dispatched_open = 0
+        self.last_dispatched = -1
         # none mode: FIFO of undispatched entries; ordered modes: per-group queues plus a heap
         # of (head offset, group) for groups whose head may be dispatched now.
         self._fifo: deque[Entry] = deque()
@@ -144,6 +145,8 @@ class PartitionState:
                 entry = queue.entries.popleft()
                 queue.busy = True
                 taken.append(entry)
+        if taken:
+            self.last_dispatched = max(self.last_dispatched, taken[-1].offset)
         for entry in taken:
             entry.dispatched = True
             entry.dispatched_at = entry.checked_at = now

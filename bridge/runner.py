@@ -41,6 +41,7 @@ from .keys import PartitionKeys, lane_name, status_key
 from .ledger import Ledger, Progress, connect
 from .middleware import OPTION
 from .partition import Entry, PartitionState
+from .probe import Probe
 from .record import envelope
 from .settings import Settings
 from .stats import Stats
@@ -108,6 +109,7 @@ class Bridge:
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.owned: dict[TP, Owned] = {}
         self.stats = Stats()
+        self.probe = Probe.from_settings(settings.event_log, settings.crash_at)
         self._consumer_factory = consumer_factory
         self._consumer: Any = None
         self._cooperative = True
@@ -417,6 +419,11 @@ class Bridge:
             raise TaskBrokerUnavailable(
                 f"enqueue of {owned.where}@{entry.offset} on lane {owned.lane} failed: {e}"
             ) from e
+        if self.probe:
+            self.probe.event(
+                "dispatched", t=owned.topic, p=owned.partition, o=entry.offset, e=owned.state.epoch, a=attempt
+            )
+            self.probe.point("after-enqueue")
 
     def _redispatch(self, now: float) -> None:
         """Dispatch again records that show no sign of life for ``redispatch_timeout``."""
@@ -476,7 +483,11 @@ class Bridge:
             self._apply_progress(by_keys[keys], progress, now)
 
     def _apply_progress(self, owned: Owned, progress: Progress, now: float) -> None:
-        self.stats.done += owned.state.mark_done(progress.done)
+        new = owned.state.mark_done(progress.done)
+        self.stats.done += new
+        if self.probe and new:
+            self.probe.event("done", t=owned.topic, p=owned.partition, offsets=progress.done)
+            self.probe.point("after-done")
         for offset in progress.done:
             owned.failing.pop(offset, None)  # a later copy succeeded: no dead letter needed
         for offset, detail in sorted(progress.failed.items()):
@@ -591,12 +602,17 @@ class Bridge:
                     owned.requested = owned.confirmed
                 logger.warning("commit failed, will retry: %s", e)
                 return
+            if self.probe:
+                self.probe.event("commit", offsets=[[tp.topic, tp.partition, tp.offset] for tp in offsets])
+                self.probe.point("after-commit")
             if not asynchronous and result:
                 self._confirm(result)
         self._prune()
 
     def _commit_target(self, owned: Owned) -> int | None:
         target = owned.state.committable()
+        if self.settings.unsafe_commit_at_dispatch and owned.state.last_dispatched >= 0:
+            return max(target or 0, owned.state.last_dispatched + 1)
         if owned.state.idle and target is not None:
             # Past the last record may lie transaction markers; the consumer's position
             # includes them, and every record before it was delivered and is done.
@@ -700,6 +716,8 @@ class Bridge:
             if epochs is not None:
                 handler.actor.broker.declare_queue(lane)
             self.owned[(tp.topic, tp.partition)] = owned
+            if self.probe:
+                self.probe.event("assigned", t=tp.topic, p=tp.partition, e=owned.state.epoch, start=start)
             logger.info(
                 "assigned %s: epoch %s, starting at %s",
                 owned.where,
@@ -763,6 +781,8 @@ class Bridge:
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = [o for tp in partitions if (o := self.owned.get((tp.topic, tp.partition))) is not None]
+        if self.probe:
+            self.probe.point("in-revoke")
         if revoked:
             deadline = time.monotonic() + self.settings.drain_timeout
             try:
@@ -787,6 +807,8 @@ class Bridge:
         for owned in revoked:
             del self.owned[(owned.topic, owned.partition)]
             logger.info("revoked %s: committed %d", owned.where, owned.confirmed)
+            if self.probe:
+                self.probe.event("revoked", t=owned.topic, p=owned.partition, committed=owned.confirmed)
         self.stats.rebalances += 1
         for tp in partitions:
             run_hooks("revoked", tp.topic, tp.partition, self.settings.group_id)
@@ -795,6 +817,8 @@ class Bridge:
         for tp in partitions:
             if self.owned.pop((tp.topic, tp.partition), None) is not None:
                 logger.warning("lost %s[%d]: dropped without commit", tp.topic, tp.partition)
+                if self.probe:
+                    self.probe.event("lost", t=tp.topic, p=tp.partition)
             run_hooks("revoked", tp.topic, tp.partition, self.settings.group_id)
         self.stats.rebalances += 1
 

@@ -87,6 +87,14 @@ class Settings(WorkerSettings):
     wait_for_topics: bool = False
     #: Most records taken from the consumer in one poll.
     poll_batch: int = Field(500, ge=1, le=100_000)
+    #: Testing only: append a JSON line per assignment, dispatch, done fact and commit to this file.
+    event_log: str | None = None
+    #: Testing only: exit abruptly at the Nth passage of a crash point ("after-enqueue:500";
+    #: points: after-enqueue, after-done, after-commit, in-revoke).
+    crash_at: str | None = None
+    #: Testing only, UNSAFE: commit offsets as soon as records are dispatched (the mistake the
+    #: bridge exists to avoid), to prove the reliability suite detects loss.
+    unsafe_commit_at_dispatch: bool = False
     #: Log level of the bridge process.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -105,9 +113,20 @@ class Settings(WorkerSettings):
                 raise ValueError(f"{name!r} cannot be set: {RESERVED_KAFKA_PROPERTIES[name]}")
         return value
 
+    @field_validator("crash_at")
+    @classmethod
+    def _crash_point(cls, value: str | None) -> str | None:
+        from .probe import CRASH_POINTS
+
+        if value is not None:
+            point, _, count = value.partition(":")
+            if point not in CRASH_POINTS or (count and not count.isdigit()):
+                raise ValueError(f"must be POINT[:N] with POINT one of {', '.join(CRASH_POINTS)}")
+        return value
+
     @model_validator(mode="after")
     def _drain_fits_poll_interval(self) -> Settings:
-        limit_ms = int(self.kafka.get("max.poll.interval.ms", "300000"))
+        limit_ms = int(self.kafka.get("max.poll.interval.ms", "60000"))
         if self.drain_timeout * 1000 >= limit_ms:
             raise ValueError(
                 f"drain_timeout ({self.drain_timeout}s) must be shorter than max.poll.interval.ms ({limit_ms} ms), "

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
 from devstack.kafka_artifacts import class_archive, fetch_kafka, java_binary, kafka_libs
-from devstack.ports import HOST, free_ports
+from devstack.ports import HOST, free_port, free_ports
 from devstack.process import Service, ServiceError
 
 _log = logging.getLogger(__name__)
@@ -85,9 +85,12 @@ class KafkaServer(Service):
 
     name = "kafka"
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, port: int | None = None, proxy_port: int | None = None) -> None:
         super().__init__(data_dir)
         self._requested_port = port
+        # A second listener, advertised at ``proxy_port``: clients that bootstrap there stay
+        # behind a proxy (see ``proxied_port``) for every connection, not just the first.
+        self._proxy_port = proxy_port
         self._state: dict[str, Any] | None = self._load_state()
         self._probe: AdminClient | None = None
         # Set only for the run that records the class-data-sharing archive.
@@ -155,6 +158,9 @@ class KafkaServer(Service):
             state = {"cluster_id": new_cluster_id(), "port": port, "controller_port": controller_port}
         if self._requested_port is not None:
             state["port"] = self._requested_port
+        if self._proxy_port is not None:
+            state.setdefault("proxied_port", free_port())
+            state["proxy_port"] = self._proxy_port
         self._state = state
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         self.properties_file.write_text(self._properties())
@@ -249,19 +255,32 @@ class KafkaServer(Service):
             str(kafka_libs() / "*"),  # expanded by the JVM, not a shell
         ]
 
+    @property
+    def proxied_port(self) -> int:
+        """Port of the listener that advertises the proxy's address (``proxy_port``)."""
+        return int(self._require_state()["proxied_port"])
+
     def _properties(self) -> str:
         broker = f"{HOST}:{self.port}"
         controller = f"{HOST}:{self.controller_port}"
+        listeners = f"PLAINTEXT://{broker},CONTROLLER://{controller}"
+        advertised = f"PLAINTEXT://{broker},CONTROLLER://{controller}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        state = self._require_state()
+        if "proxy_port" in state:
+            listeners += f",PROXIED://{HOST}:{state['proxied_port']}"
+            advertised += f",PROXIED://{HOST}:{state['proxy_port']}"
+            protocols += ",PROXIED:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             # Dynamic quorum: `format --standalone` makes this node the only voter.
             "controller.quorum.bootstrap.servers": controller,
             "controller.listener.names": "CONTROLLER",
-            "listeners": f"PLAINTEXT://{broker},CONTROLLER://{controller}",
-            "advertised.listeners": f"PLAINTEXT://{broker},CONTROLLER://{controller}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(self.log_dir),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",

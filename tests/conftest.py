@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from devstack import KafkaServer, RedisServer, ServiceError
 from tests.support.kafka import create_topic, delete_topics, unique_name
+from tests.support.pipeline import Pipeline
 from tests.support.services import ExternalKafka, ExternalRedis, KafkaEndpoint, RedisEndpoint
 
 BOOTSTRAP_ENV = "BRIDGE_TEST_BOOTSTRAP_SERVERS"
@@ -133,3 +134,21 @@ def redis_client(redis_server: RedisEndpoint) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def pipeline_factory(
+    kafka: KafkaEndpoint, redis_server: RedisEndpoint, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., Pipeline]]:
+    made: list[Pipeline] = []
+
+    def make(
+        topics: list[str], *, kafka_endpoint: KafkaEndpoint | None = None, redis_url: str | None = None, **options: str
+    ) -> Pipeline:
+        pipeline = Pipeline(kafka_endpoint or kafka, redis_url or redis_server.url, topics, tmp_path, **options)
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        pipeline.close()

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 
-from tests.integration.conftest import Pipeline
 from tests.support.bridge_proc import REPO
 from tests.support.history import check, read_events
 from tests.support.kafka import produce_keyed, read_raw
+from tests.support.pipeline import Pipeline
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -255,3 +255,34 @@ def test_a_partition_handed_over_while_records_run_keeps_order_across_owners(
     assert report.order_violations == []
     assert report.duplicates == 0
     assert_complete(report, pipeline.ends())
+
+
+def test_aborted_transactions_never_reach_handlers_and_the_commit_passes_the_markers(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    from confluent_kafka import Producer
+
+    topic = topic_factory(1)
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition")
+    producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "transactional.id": topic})
+    producer.init_transactions(30)
+    committed_values = []
+    for batch, commit in ((range(0, 10), True), (range(10, 15), False), (range(15, 25), True)):
+        producer.begin_transaction()
+        for i in batch:
+            producer.produce(topic, value=str(i).encode(), key=str(i).encode())
+        if commit:
+            producer.commit_transaction(30)
+            committed_values += [str(i) for i in batch]
+        else:
+            producer.flush(30)  # the aborted records must reach the log, not die in the client
+            producer.abort_transaction(30)
+    pipeline.start_workers(processes=1, threads=4)
+    pipeline.start_bridge()
+    ends = wait_committed_to_end(pipeline)
+    # 25 records and 3 transaction markers: the committed offset passes the trailing marker too.
+    assert ends == {(topic, 0): 28}
+    for bridge in pipeline.bridges:
+        assert bridge.stop() == 0
+    done = [e for e in read_events(redis_client) if e.kind == "E" and e.outcome == "ok"]
+    assert sorted(e.key for e in done) == sorted(committed_values)

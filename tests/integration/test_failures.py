@@ -17,11 +17,11 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from devstack import KafkaServer, RedisServer, free_port
-from tests.integration.conftest import Pipeline
 from tests.integration.test_bridge import assert_complete, run_to_end, wait_committed_to_end
 from tests.support.bridge_proc import REPO
 from tests.support.history import check, read_events
 from tests.support.kafka import create_topic, produce_keyed, read_raw
+from tests.support.pipeline import Pipeline
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration

@@ -19,15 +19,18 @@ from __future__ import annotations
 import os
 import random
 import time
+import uuid
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage
 
 from bridge import Record, kafka_handler
 
 URL = os.environ["BRIDGE_REDIS_URL"]
 broker = RedisBroker(url=URL)
+broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
 _events = redis.Redis.from_url(URL)
@@ -57,8 +60,16 @@ _dlq = os.environ.get("KDB_TEST_DLQ")
 )
 def record_event(record: Record) -> None:
     key = (record.key or b"").decode("utf-8", "backslashreplace")
-    coords = f"{record.topic}|{record.partition}|{record.offset}|{key}|{os.getpid()}"
-    _events.rpush(EVENTS, f"S|{coords}")
+    message = CurrentMessage.get_current_message()
+    epoch = message.options.get("kdb", {}).get("e", 0) if message else 0
+    coords = f"{record.topic}|{record.partition}|{record.offset}|{key}|{os.getpid()}|{epoch}"
+    token = uuid.uuid4().hex[:12]
+    try:
+        _events.rpush(EVENTS, f"S|{coords}|{int(time.time() * 1000)}|{token}")
+    except redis.RedisError:
+        # The start may have landed although the client gave up waiting: mark it void.
+        _record_end(f"X|{coords}|{int(time.time() * 1000)}|{token}")
+        raise
     outcome = "ok"
     try:
         if SLEEP[1] > 0:
@@ -69,4 +80,17 @@ def record_event(record: Record) -> None:
         if record.headers:
             _events.rpush(EVENTS + ":records", repr(record))
     finally:
-        _events.rpush(EVENTS, f"E|{coords}|{outcome}")
+        _record_end(f"E|{coords}|{int(time.time() * 1000)}|{token}|{outcome}")
+
+
+def _record_end(event: str) -> None:
+    """Append an end event even across a Redis outage, so that the history stays complete."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            _events.rpush(EVENTS, event)
+            return
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -7,24 +7,19 @@ from dataclasses import dataclass, field
 
 import redis
 
-
-@dataclass(frozen=True)
-class Event:
-    kind: str  # "S" start or "E" end
-    topic: str
-    partition: int
-    offset: int
-    key: str
-    pid: int
-    outcome: str = ""
+from tests.support.checker import HandlerEvent
 
 
-def read_events(client: redis.Redis, key: str = "kdb-test:events") -> list[Event]:
+def read_events(client: redis.Redis, key: str = "kdb-test:events") -> list[HandlerEvent]:
+    """The history tests/support/bridge_actors.py appended, in the order it happened."""
+    parsed = [raw.decode().split("|") for raw in client.lrange(key, 0, -1)]
+    void = {fields[8] for fields in parsed if fields[0] == "X"}
     events = []
-    for raw in client.lrange(key, 0, -1):
-        parts = raw.decode().split("|")
-        events.append(Event(parts[0], parts[1], int(parts[2]), int(parts[3]), parts[4], int(parts[5]),
-                            parts[6] if len(parts) > 6 else ""))
+    for kind, topic, partition, offset, key_, pid, epoch, ms, token, *rest in parsed:
+        if kind == "X" or token in void:
+            continue  # a start whose write failed: the handler did not run
+        events.append(HandlerEvent(kind, topic, int(partition), int(offset), key_, int(pid), int(epoch), int(ms),
+                                   rest[0] if rest else ""))
     return events
 
 
@@ -42,14 +37,14 @@ class Report:
         return sum(n - 1 for n in self.successes.values() if n > 1)
 
 
-def check(events: list[Event], *, scope: str) -> Report:
+def check(events: list[HandlerEvent], *, scope: str) -> Report:
     """Order and overlap per ``scope`` ("partition" or "key"), duplicates, and completeness.
 
     Within one scope, starts must be in non-decreasing offset order (a retry repeats an
     offset) and every start must be followed by its end before the next start.
     """
     report = Report()
-    running: dict[tuple[str, ...], Event | None] = defaultdict(lambda: None)
+    running: dict[tuple[str, ...], HandlerEvent | None] = defaultdict(lambda: None)
     last_start: dict[tuple[str, ...], int] = {}
     for event in events:
         unit: tuple[str, ...] = (event.topic, str(event.partition))

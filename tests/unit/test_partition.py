@@ -146,3 +146,14 @@ def test_a_record_put_back_after_a_failed_dispatch_goes_out_again_first(ordering
     again = state.take_ready(10)
     assert [e.offset for e in again] == [e.offset for e in taken]
     assert again[0].offset == 0
+
+
+def test_offsets_10_to_19_finishing_in_three_batches_commit_11_then_20() -> None:
+    state = PartitionState(ordering="none", epoch=1, start_offset=10)
+    deliver(state, list(range(10, 20)))
+    state.take_ready(100)
+    commits = []
+    for batch in ([13, 14], [10], [11, 12, 15, 16, 17, 18, 19]):
+        state.mark_done(batch)
+        commits.append(state.committable())
+    assert commits == [10, 11, 20]

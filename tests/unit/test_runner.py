@@ -213,3 +213,26 @@ def test_a_revoke_commits_what_is_done_and_a_lost_partition_commits_nothing(worl
     assert consumer.commits[-1] == {(T, 0): 2}
     assert consumer.committed_offsets.get((T, 1)) == before
     assert bridge.owned == {}
+
+
+def test_lifecycle_hooks_run_on_assign_and_revoke_and_their_errors_are_contained(world: dict[str, Any]) -> None:
+    from bridge import on_partitions_assigned, on_partitions_revoked
+
+    bridge, consumer = world["bridge"], world["consumer"]
+    calls: list[tuple[str, str, int, str]] = []
+
+    @on_partitions_assigned
+    def started(topic: str, partition: int, group: str) -> None:
+        calls.append(("assigned", topic, partition, group))
+        raise RuntimeError("a broken hook must not stop the bridge")
+
+    @on_partitions_revoked
+    def stopped(topic: str, partition: int, group: str) -> None:
+        calls.append(("revoked", topic, partition, group))
+
+    bridge.settings = bridge.settings.model_copy(update={"drain_timeout": 0.05})
+    consumer.assign((T, 0))
+    spin(bridge)
+    consumer.revoke((T, 0))
+    spin(bridge)
+    assert calls == [("assigned", T, 0, GROUP), ("revoked", T, 0, GROUP)]

@@ -52,6 +52,8 @@ def test_forced_consumer_properties_cannot_be_overridden() -> None:
         assert config[name] == value
     assert config["session.timeout.ms"] == "6000"
     assert config["partition.assignment.strategy"] == "cooperative-sticky"
+    # A join lost in a broker restart hangs at most this long; the bridge never blocks its poll.
+    assert config["max.poll.interval.ms"] == 60000
     assert is_cooperative(config)
 
 

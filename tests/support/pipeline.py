@@ -1,17 +1,17 @@
+"""Workers and bridges of one test, as subprocesses sharing one environment."""
+
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from devstack import DramatiqWorkers
 from tests.support.bridge_proc import REPO, BridgeProcess
 from tests.support.kafka import unique_name
-from tests.support.services import KafkaEndpoint, RedisEndpoint
+from tests.support.services import KafkaEndpoint
 
 
 class Pipeline:
@@ -36,8 +36,6 @@ class Pipeline:
 
     def start_workers(self, processes: int = 2, threads: int = 8) -> DramatiqWorkers:
         env = {**self.env, "PYTHONPATH": str(REPO)}
-        import os
-
         workers = DramatiqWorkers(
             ["tests.support.bridge_actors"], processes=processes, threads=threads,
             env={**os.environ, **env}, cwd=REPO, log_path=self.tmp / f"workers-{len(self.workers)}.log",
@@ -87,21 +85,3 @@ class Pipeline:
             bridge.kill()
         for workers in self.workers:
             workers.stop(timeout=10)
-
-
-@pytest.fixture
-def pipeline_factory(
-    kafka: KafkaEndpoint, redis_server: RedisEndpoint, redis_client: redis.Redis, tmp_path: Path
-) -> Iterator[Callable[..., Pipeline]]:
-    made: list[Pipeline] = []
-
-    def make(
-        topics: list[str], *, kafka_endpoint: KafkaEndpoint | None = None, redis_url: str | None = None, **options: str
-    ) -> Pipeline:
-        pipeline = Pipeline(kafka_endpoint or kafka, redis_url or redis_server.url, topics, tmp_path, **options)
-        made.append(pipeline)
-        return pipeline
-
-    yield make
-    for pipeline in made:
-        pipeline.close()
