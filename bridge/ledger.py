@@ -140,12 +140,7 @@ class Ledger:
     # -- bridge side ------------------------------------------------------------------------
 
     def open_lanes(self, lanes: Mapping[str, str]) -> None:
-        if not lanes:
-            return
-        try:
-            self.client.hset(LANES_KEY, mapping=cast(Any, dict(lanes)))
-        except redis.RedisError as e:
-            raise LedgerUnavailable(f"registering lanes: {e}") from e
+        self._hset(LANES_KEY, lanes, "registering lanes")
 
     def bump_epochs(self, partitions: Sequence[PartitionKeys]) -> list[int]:
         """Start a new assignment epoch for each partition; older messages are fenced."""
@@ -252,12 +247,15 @@ class Ledger:
             raise LedgerUnavailable(f"pruning ledger: {e}") from e
 
     def publish_status(self, key: str, entries: Mapping[str, str]) -> None:
-        if not entries:
+        self._hset(key, entries, "publishing status")
+
+    def _hset(self, key: str, fields: Mapping[str, str], doing: str) -> None:
+        if not fields:
             return
         try:
-            self.client.hset(key, mapping=cast(Any, dict(entries)))
+            self.client.hset(key, mapping=cast(Any, dict(fields)))
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"publishing status: {e}") from e
+            raise LedgerUnavailable(f"{doing}: {e}") from e
 
 
 def _now_ms() -> int:

@@ -252,22 +252,14 @@ class Bridge:
     def _shutdown(self) -> None:
         """Stop taking records, let dispatched ones finish, commit what is done."""
         logger.info("stopping: draining %d dispatched records", self._dispatched_open())
-        for owned in self.owned.values():
-            if not owned.paused:
-                self._consumer.pause([owned.tp])
-                owned.paused = True
+        self._pause_all()
         deadline = time.monotonic() + self.settings.shutdown_timeout
         while (self._dispatched_open() or self._failing()) and time.monotonic() < deadline:
             # Keep polling: a consumer that stops polling is evicted from the group.
             for message in self._consumer.consume(num_messages=self.settings.poll_batch, timeout=0.01):
                 self._accept(message)
-            if self.dead_letters is not None:
-                self._acked.extend(self.dead_letters.poll())
             try:
-                now = time.monotonic()
-                self._settle_dead_letters(now)
-                self._read_ledger()
-                self._send_dead_letters(now)
+                self._drain_round()
             except _OUTAGES as e:
                 logger.error("stopping without the ledger: %s", e)
                 break
@@ -277,6 +269,21 @@ class Bridge:
         self._commit(list(self.owned.values()), asynchronous=False)
         with contextlib.suppress(*_OUTAGES):
             self._report(time.monotonic())
+
+    def _drain_round(self, only: list[Owned] | None = None) -> None:
+        """Collect completions and dead-letter acknowledgements without dispatching anything new."""
+        if self.dead_letters is not None:
+            self._acked.extend(self.dead_letters.poll())
+        now = time.monotonic()
+        self._settle_dead_letters(now)
+        self._read_ledger(only)
+        self._send_dead_letters(now)
+
+    def _pause_all(self) -> None:
+        for owned in self.owned.values():
+            if not owned.paused:
+                self._consumer.pause([owned.tp])
+                owned.paused = True
 
     def _dispatched_open(self) -> int:
         return sum(o.state.dispatched_open for o in self.owned.values())
@@ -294,10 +301,7 @@ class Bridge:
         else:
             self._outage_backoff = min(self._outage_backoff * 2, 10.0)
         self._outage_retry_at = now + self._outage_backoff
-        for owned in self.owned.values():
-            if not owned.paused:
-                self._consumer.pause([owned.tp])
-                owned.paused = True
+        self._pause_all()
         log = logger.error if first or self._outage_backoff >= 10.0 else logger.warning
         log(
             "%s; partitions paused, not dispatching or committing, retrying in %.1fs",
@@ -488,8 +492,9 @@ class Bridge:
         if self.probe and new:
             self.probe.event("done", t=owned.topic, p=owned.partition, offsets=progress.done)
             self.probe.point("after-done")
-        for offset in progress.done:
-            owned.failing.pop(offset, None)  # a later copy succeeded: no dead letter needed
+        if owned.failing:
+            for offset in progress.done:
+                owned.failing.pop(offset, None)  # a later copy succeeded: no dead letter needed
         for offset, detail in sorted(progress.failed.items()):
             entry = owned.state.entry(offset)
             if entry is None or entry.done or entry.failure is not None:
@@ -789,12 +794,7 @@ class Bridge:
                 while time.monotonic() < deadline and (
                     any(o.state.dispatched_open for o in revoked) or any(o.failing for o in revoked)
                 ):
-                    if self.dead_letters is not None:
-                        self._acked.extend(self.dead_letters.poll())
-                    now = time.monotonic()
-                    self._settle_dead_letters(now)
-                    self._read_ledger(revoked)
-                    self._send_dead_letters(now)
+                    self._drain_round(revoked)
                     time.sleep(0.01)
             except _OUTAGES as e:
                 logger.error("revoke: cannot drain without the ledger (%s); committing what is known done", e)
