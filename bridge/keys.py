@@ -56,6 +56,30 @@ class PartitionKeys:
     def attempts(self) -> str:
         return f"{self.prefix}:attempts"
 
+    @property
+    def floor(self) -> str:
+        """Offset below which every record is done: the assignment's start, raised by pruning."""
+        return f"{self.prefix}:floor"
+
+    @property
+    def fresh(self) -> str:
+        """List of offsets that reached a final state and the owning bridge has not read yet."""
+        return f"{self.prefix}:fresh"
+
+    @property
+    def staged(self) -> str:
+        """Hash of predecessor offset -> the record that runs next after it (pipelined lanes)."""
+        return f"{self.prefix}:next"
+
+    @property
+    def finished_channel(self) -> str:
+        """Pub/sub channel announcing each offset that reached a final state."""
+        return f"{self.prefix}:fin"
+
+
+#: Pattern matching every partition's ``finished_channel``.
+FINISHED_PATTERN = "kdb:{*}:fin"
+
 
 def status_key(group: str) -> str:
     """Hash of "topic|partition" -> JSON summary published by the owning bridge."""

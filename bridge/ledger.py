@@ -19,42 +19,129 @@ import redis
 from .errors import LedgerUnavailable
 from .keys import LANES_KEY, PartitionKeys
 
-StartResult = Literal["run", "fenced", "done", "superseded"]
+StartResult = Literal["run", "fenced", "done", "superseded", "wait"]
 
-# KEYS: epoch, done, running, attempts.  ARGV: offset, message epoch, running-entry JSON, attempt.
-_START = """
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 2 end
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current > tonumber(ARGV[2]) then return 0 end
-local attempt = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '1')
-if tonumber(ARGV[4]) < attempt then return 3 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-return 1
+# A record may start unless it is done, its epoch is stale, the bridge dispatched a newer copy,
+# or its predecessor (the previous record of its partition or key in the same epoch) has not
+# reached a final state: that last check is what keeps a pipelined lane in order.
+# Codes: 0 fenced, 1 run, 2 done, 3 superseded, 4 wait.
+_START_FUNCTION = """
+local function start(epoch_key, done, running, attempts, failed, floor, fresh, beats, live,
+                     offset, epoch, entry, attempt, prev)
+  if redis.call('ZSCORE', done, offset) then
+    redis.call('RPUSH', fresh, offset)
+    return 2
+  end
+  if tonumber(redis.call('GET', epoch_key) or '0') > tonumber(epoch) then return 0 end
+  if tonumber(attempt) < tonumber(redis.call('HGET', attempts, offset) or '1') then return 3 end
+  local copy = redis.call('HGET', running, offset)
+  local copy_attempt = tonumber(copy and string.match(copy, '"a": (%d+)') or '1')
+  local copy_retries = tonumber(copy and string.match(copy, '"r": (%d+)') or '0')
+  local retries = tonumber(string.match(entry, '"r": (%d+)') or '0')
+  if copy and (copy_attempt > tonumber(attempt) or copy_attempt == tonumber(attempt) and copy_retries >= retries) then
+    local seen = math.max(tonumber(string.match(copy, '"t": (%d+)') or '0'),
+                          tonumber(redis.call('HGET', beats, offset) or '0'))
+    local now = redis.call('TIME')
+    if now[1] * 1000 + math.floor(now[2] / 1000) - seen < tonumber(live) then return 3 end
+  end
+  local p = tonumber(prev)
+  if p >= 0 and p >= tonumber(redis.call('GET', floor) or '-1')
+      and not redis.call('ZSCORE', done, prev) and redis.call('HEXISTS', failed, prev) == 0 then
+    return 4
+  end
+  redis.call('HSET', running, offset, entry)
+  return 1
+end
 """
+# A superseded start (3) is also a second copy of an attempt that is running and alive (started
+# or heartbeat within ``live`` ms): a send whose answer was lost and that the bridge sent again
+# must not run twice at once. A copy of a worker that died runs again, and so does dramatiq's
+# retry of a failed try (its retry count "r" is higher).
 
-# KEYS: done, running, failed, beats, attempts.
-# ARGV: offset, outcome ('done' | 'failed' | 'retry'), detail JSON.
-_FINISH = """
+# KEYS: epoch, done, running, attempts, failed, floor, fresh, beats.
+# ARGV: offset, message epoch, running-entry JSON, attempt, predecessor offset (-1: none), live ms.
+_START = (
+    _START_FUNCTION
+    + """
+return start(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[6],
+             ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+"""
+)
+
+# KEYS: done, running, failed, beats, attempts, fresh, epoch, floor, staged.
+# ARGV: offset, outcome ('done' | 'failed' | 'retry'), detail JSON, channel, handoff ('1': take
+# the staged successor), worker, live ms, and optionally the successor parked in the same worker
+# process: its offset, epoch, running-entry JSON, attempt.
+# Final states are queued for the owning bridge and announced to waiting successors. The
+# successor is started in the same round trip: the parked one ({code}), else the one the bridge
+# staged ({code, message}, skipping staged records that are done already), else nothing ({-1}).
+_FINISH = (
+    _START_FUNCTION
+    + """
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 if ARGV[2] == 'done' then
   redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[5], ARGV[1])
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
 elseif ARGV[2] == 'failed' then
   if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
+    redis.call('RPUSH', KEYS[6], 'f' .. ARGV[1])
+    redis.call('PUBLISH', ARGV[4], ARGV[1])
+  end
+else
+  return {-1}
+end
+local epoch_key, done, running, attempts = KEYS[7], KEYS[1], KEYS[2], KEYS[5]
+local failed, floor, fresh, beats, live = KEYS[3], KEYS[8], KEYS[6], KEYS[4], ARGV[7]
+if #ARGV >= 11 then
+  return {start(epoch_key, done, running, attempts, failed, floor, fresh, beats, live,
+                ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[1])}
+end
+if ARGV[5] ~= '1' then return {-1} end
+local prev = ARGV[1]
+while true do
+  local staged = redis.call('HGET', KEYS[9], prev)
+  if not staged then return {-1} end
+  redis.call('HDEL', KEYS[9], prev)
+  local o, e, a, body = string.match(staged, '^(%d+)|(%d+)|(%d+)|(.*)$')
+  local now = redis.call('TIME')
+  local ms = math.floor(tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000)
+  local entry = '{"e": ' .. e .. ', "w": ' .. cjson.encode(ARGV[6]) .. ', "t": ' .. ms .. ', "a": ' .. a .. ', "r": 0}'
+  local code = start(epoch_key, done, running, attempts, failed, floor, fresh, beats, live, o, e, entry, a, prev)
+  if code ~= 2 then return {code, body} end
+  prev = o
+end
+"""
+)
+
+# KEYS: done, failed, floor, staged.  ARGV: pairs of predecessor offset and staged value.
+# Stages each record behind its predecessor, unless the predecessor reached a final state
+# already: those records are returned (by pair index) for the bridge to put on the lane.
+_STAGE = """
+local late = {}
+local floor = tonumber(redis.call('GET', KEYS[3]) or '-1')
+for i = 1, #ARGV, 2 do
+  local prev = ARGV[i]
+  if tonumber(prev) < floor or redis.call('ZSCORE', KEYS[1], prev) or redis.call('HEXISTS', KEYS[2], prev) == 1 then
+    table.insert(late, (i + 1) / 2)
+  else
+    redis.call('HSET', KEYS[4], prev, ARGV[i + 1])
   end
 end
-return 1
+return late
 """
 
-# KEYS: done, then hashes keyed by offset.  ARGV: committed offset.
+# KEYS: done, floor, then hashes keyed by offset.  ARGV: committed offset.
 # Drops facts below the committed offset: Kafka's committed offset covers them.
 _PRUNE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 local floor = tonumber(ARGV[1])
-for i = 2, #KEYS do
+if floor > tonumber(redis.call('GET', KEYS[2]) or '-1') then redis.call('SET', KEYS[2], floor) end
+for i = 3, #KEYS do
   for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
     if tonumber(field) < floor then redis.call('HDEL', KEYS[i], field) end
   end
@@ -62,7 +149,7 @@ end
 return 1
 """
 
-_START_CODES: dict[int, StartResult] = {0: "fenced", 1: "run", 2: "done", 3: "superseded"}
+_START_CODES: dict[int, StartResult] = {0: "fenced", 1: "run", 2: "done", 3: "superseded", 4: "wait"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,30 +180,103 @@ class Ledger:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._prune = client.register_script(_PRUNE)
+        self._stage = client.register_script(_STAGE)
 
     # -- worker side ------------------------------------------------------------------------
 
-    def start(self, keys: PartitionKeys, offset: int, epoch: int, worker: str, attempt: int = 1) -> StartResult:
+    def start(
+        self,
+        keys: PartitionKeys,
+        offset: int,
+        epoch: int,
+        worker: str,
+        attempt: int = 1,
+        prev: int = -1,
+        live: float = 15.0,
+        retries: int = 0,
+    ) -> StartResult:
         """Record that ``offset`` starts now; refuse it if it is done, its epoch is stale, or the
-        bridge dispatched a newer copy of it."""
-        entry = json.dumps({"e": epoch, "w": worker, "t": _now_ms()})
+        bridge dispatched a newer copy of it; ``wait`` while its predecessor ``prev`` runs."""
+        entry = _running_entry(epoch, worker, attempt, retries)
         try:
             code = self._start(
-                keys=[keys.epoch, keys.done, keys.running, keys.attempts], args=[offset, epoch, entry, attempt]
+                keys=[
+                    keys.epoch,
+                    keys.done,
+                    keys.running,
+                    keys.attempts,
+                    keys.failed,
+                    keys.floor,
+                    keys.fresh,
+                    keys.beats,
+                ],
+                args=[offset, epoch, entry, attempt, prev, int(live * 1000)],
             )
         except redis.RedisError as e:
             raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
         return _START_CODES[int(code)]
 
-    def finish(self, keys: PartitionKeys, offset: int, outcome: str, detail: Mapping[str, Any] | None = None) -> None:
-        """Record the end of an attempt: ``done``, ``failed`` (final) or ``retry`` (not terminal)."""
+    def finish(
+        self,
+        keys: PartitionKeys,
+        offset: int,
+        outcome: str,
+        detail: Mapping[str, Any] | None = None,
+        successor: tuple[int, int, str, int, int] | None = None,
+        *,
+        handoff: bool = False,
+        worker: str = "",
+        live: float = 15.0,
+    ) -> tuple[StartResult | None, bytes | None]:
+        """Record the end of an attempt: ``done``, ``failed`` (final) or ``retry`` (not terminal).
+
+        When the outcome is final, the next record of the partition (key) is started in the same
+        round trip: ``successor`` (offset, epoch, worker, attempt, retries), a record parked in this
+        process, or else with ``handoff`` the record the bridge staged behind this one. Returns
+        that start's verdict and, for a staged record, its encoded message.
+        """
+        args: list[Any] = [offset, outcome, json.dumps(dict(detail or {})), keys.finished_channel]
+        args += ["1" if handoff else "0", worker, int(live * 1000)]
+        if successor is not None:
+            next_offset, epoch, worker_id, attempt, retries = successor
+            args += [next_offset, epoch, _running_entry(epoch, worker_id, attempt, retries), attempt]
         try:
-            self._finish(
-                keys=[keys.done, keys.running, keys.failed, keys.beats, keys.attempts],
-                args=[offset, outcome, json.dumps(dict(detail or {}))],
+            reply = self._finish(
+                keys=[
+                    keys.done,
+                    keys.running,
+                    keys.failed,
+                    keys.beats,
+                    keys.attempts,
+                    keys.fresh,
+                    keys.epoch,
+                    keys.floor,
+                    keys.staged,
+                ],
+                args=args,
             )
         except redis.RedisError as e:
             raise LedgerUnavailable(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
+        verdict = _START_CODES.get(int(reply[0]))
+        body = reply[1] if len(reply) > 1 else None
+        return verdict, body.encode() if isinstance(body, str) else body
+
+    def stage(self, staged: Mapping[PartitionKeys, Sequence[tuple[int, str]]]) -> dict[PartitionKeys, list[int]]:
+        """Stage records behind their predecessors, one round trip for all partitions. Returns,
+        per partition, the indexes of records whose predecessor had finished already: those
+        belong on the lane."""
+        items = [(keys, pairs) for keys, pairs in staged.items() if pairs]
+        if not items:
+            return {}
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, pairs in items:
+                    args = [v for prev, value in pairs for v in (prev, value)]
+                    self._stage(keys=[keys.done, keys.failed, keys.floor, keys.staged], args=args, client=pipe)
+                replies = pipe.execute()
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"staging records: {e}") from e
+        return {keys: [int(i) - 1 for i in late] for (keys, _), late in zip(items, replies, strict=True)}
 
     def beat(self, running: Mapping[PartitionKeys, Iterable[int]]) -> None:
         """Mark records as still running now (liveness of long handlers)."""
@@ -142,14 +302,16 @@ class Ledger:
     def open_lanes(self, lanes: Mapping[str, str]) -> None:
         self._hset(LANES_KEY, lanes, "registering lanes")
 
-    def bump_epochs(self, partitions: Sequence[PartitionKeys]) -> list[int]:
-        """Start a new assignment epoch for each partition; older messages are fenced."""
+    def bump_epochs(self, partitions: Mapping[PartitionKeys, int]) -> list[int]:
+        """Start a new assignment epoch for each partition (keys -> committed offset, -1 for none);
+        older messages are fenced, and the committed offset becomes the floor of done records."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for keys in partitions:
+                for keys, committed in partitions.items():
                     pipe.incr(keys.epoch)
-                    pipe.delete(keys.attempts)
-                return [int(v) for v in pipe.execute()[::2]]
+                    pipe.delete(keys.attempts, keys.staged)
+                    pipe.set(keys.floor, committed)
+                return [int(v) for v in pipe.execute()[::3]]
         except redis.RedisError as e:
             raise LedgerUnavailable(f"bumping epochs: {e}") from e
 
@@ -204,25 +366,54 @@ class Ledger:
             raise LedgerUnavailable(f"reading done offsets of {keys.topic}[{keys.partition}]: {e}") from e
         return {int(v) for v in raw}
 
-    def progress(self, spans: Mapping[PartitionKeys, tuple[int, int]]) -> dict[PartitionKeys, Progress]:
-        """Done offsets and final failures inside each span, in one round trip."""
-        if not spans:
+    def completions(self, partitions: Sequence[PartitionKeys], limit: int = 5000) -> dict[PartitionKeys, Progress]:
+        """Take the offsets that reached a final state since the last call, with the details of
+        final failures, in one round trip (two when there are failures)."""
+        if not partitions:
             return {}
-        items = list(spans.items())
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for keys, (low, high) in items:
-                    pipe.zrangebyscore(keys.done, low, high)
-                    pipe.hgetall(keys.failed)
+                for keys in partitions:
+                    pipe.lpop(keys.fresh, limit)
                 replies = pipe.execute()
+            result: dict[PartitionKeys, Progress] = {}
+            failures: list[tuple[PartitionKeys, list[int]]] = []
+            for keys, reply in zip(partitions, replies, strict=True):
+                if not reply:
+                    continue
+                done = [int(v) for v in reply if not v.startswith("f")]
+                failed = sorted({int(v[1:]) for v in reply if v.startswith("f")})
+                result[keys] = Progress(done, {})
+                if failed:
+                    failures.append((keys, failed))
+            if failures:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for keys, offsets in failures:
+                        pipe.hmget(keys.failed, [str(o) for o in offsets])
+                    details = pipe.execute()
+                for (keys, offsets), values in zip(failures, details, strict=True):
+                    # A failure settled or overtaken by a success meanwhile has no detail left.
+                    result[keys].failed.update({o: json.loads(v) for o, v in zip(offsets, values, strict=True) if v})
         except redis.RedisError as e:
             raise LedgerUnavailable(f"reading ledger progress: {e}") from e
-        result: dict[PartitionKeys, Progress] = {}
-        for i, (keys, (low, high)) in enumerate(items):
-            done = [int(v) for v in replies[2 * i]]
-            failed = {int(k): json.loads(v) for k, v in replies[2 * i + 1].items() if low <= int(k) <= high}
-            result[keys] = Progress(done, failed)
         return result
+
+    def progress(self, keys: PartitionKeys, offsets: Sequence[int]) -> Progress:
+        """Which of ``offsets`` are done or finally failed: the full check behind the
+        notifications of :meth:`completions`."""
+        fields = [str(o) for o in offsets]
+        if not fields:
+            return Progress([], {})
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.zmscore(keys.done, fields)
+                pipe.hmget(keys.failed, fields)
+                scores, details = pipe.execute()
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"reading progress of {keys.topic}[{keys.partition}]: {e}") from e
+        done = [o for o, score in zip(offsets, scores, strict=True) if score is not None]
+        failed = {o: json.loads(v) for o, v, score in zip(offsets, details, scores, strict=True) if v and score is None}
+        return Progress(done, failed)
 
     def settle(self, keys: PartitionKeys, offsets: Iterable[int]) -> None:
         """Turn final failures the bridge has handled into done facts."""
@@ -242,7 +433,9 @@ class Ledger:
         """Forget facts below each committed offset; Kafka's committed offset covers them."""
         try:
             for keys, offset in committed.items():
-                self._prune(keys=[keys.done, keys.failed, keys.attempts, keys.beats], args=[offset])
+                self._prune(
+                    keys=[keys.done, keys.floor, keys.failed, keys.attempts, keys.beats, keys.staged], args=[offset]
+                )
         except redis.RedisError as e:
             raise LedgerUnavailable(f"pruning ledger: {e}") from e
 
@@ -256,6 +449,15 @@ class Ledger:
             self.client.hset(key, mapping=cast(Any, dict(fields)))
         except redis.RedisError as e:
             raise LedgerUnavailable(f"{doing}: {e}") from e
+
+
+def staged_value(offset: int, epoch: int, attempt: int, body: bytes) -> str:
+    """How a staged record is stored: offset, epoch, attempt and its encoded message."""
+    return f"{offset}|{epoch}|{attempt}|{body.decode()}"
+
+
+def _running_entry(epoch: int, worker: str, attempt: int, retries: int = 0) -> str:
+    return json.dumps({"e": epoch, "w": worker, "t": _now_ms(), "a": attempt, "r": retries})
 
 
 def _now_ms() -> int:

@@ -41,21 +41,28 @@ class Entry:
     #: Reached a final state in the task broker: no longer blocks its partition (key), though
     #: it is not done until its dead letter is acknowledged.
     released: bool = False
+    #: Ordered modes: the record of the same partition (key) dispatched before this one in this
+    #: epoch, which must reach a final state before this one starts; -1 for none.
+    prev: int = -1
 
 
 @dataclass(slots=True)
 class _KeyQueue:
     entries: deque[Entry] = field(default_factory=deque)
-    busy: bool = False
+    #: Records of the group dispatched and not yet in a final state.
+    running: int = 0
+    #: Offset of the group's last dispatched record (the next one's predecessor).
+    last: int = -1
 
 
 class PartitionState:
     """Delivery window of one partition.
 
     ``deliver`` appends records in offset order; ``take_ready`` hands out the records that the
-    ordering mode allows to run now (at most one unfinished per partition or per key, or any
-    in ``none`` mode); ``mark_done`` applies done facts from the ledger; ``committable`` returns
-    the next offset to commit: one past the contiguous prefix of done delivered records.
+    ordering mode allows to put on the lane now (up to ``depth`` unfinished per partition or per
+    key, each naming its predecessor, or any in ``none`` mode); ``mark_done`` applies done facts
+    from the ledger; ``committable`` returns the next offset to commit: one past the contiguous
+    prefix of done delivered records.
     """
 
     def __init__(
@@ -65,8 +72,10 @@ class PartitionState:
         epoch: int,
         start_offset: int | None = None,
         known_done: Iterable[int] = (),
+        depth: int = 1,
     ) -> None:
         self.ordering: Ordering = ordering
+        self.depth = depth
         self.epoch = epoch
         self.known_done: set[int] = set(known_done)
         self._entries: deque[Entry] = deque()
@@ -113,7 +122,7 @@ class PartitionState:
             if queue is None:
                 queue = self._queues[entry.group] = _KeyQueue()
             queue.entries.append(entry)
-            if not queue.busy and len(queue.entries) == 1:
+            if queue.running < self.depth and len(queue.entries) == 1:
                 self._push_ready(entry)
         return entry
 
@@ -135,16 +144,20 @@ class PartitionState:
             while self._ready and len(taken) < limit:
                 _, _, group = heapq.heappop(self._ready)
                 queue = self._queues.get(group)
-                if queue is None or queue.busy:
+                if queue is None or queue.running >= self.depth:
                     continue
                 while queue.entries and queue.entries[0].done:
                     queue.entries.popleft()
                 if not queue.entries:
-                    del self._queues[group]
+                    self._drop_if_idle(group, queue)
                     continue
                 entry = queue.entries.popleft()
-                queue.busy = True
+                entry.prev = queue.last
+                queue.last = entry.offset
+                queue.running += 1
                 taken.append(entry)
+                if queue.entries and queue.running < self.depth:
+                    self._push_ready(queue.entries[0])
         if taken:
             self.last_dispatched = max(self.last_dispatched, taken[-1].offset)
         for entry in taken:
@@ -168,7 +181,8 @@ class PartitionState:
         if queue is None:
             queue = self._queues[entry.group] = _KeyQueue()
         queue.entries.appendleft(entry)
-        queue.busy = False
+        queue.running -= 1
+        queue.last = entry.prev
         self._push_ready(entry)
 
     def entry(self, offset: int) -> Entry | None:
@@ -178,13 +192,12 @@ class PartitionState:
     def has_ready(self) -> bool:
         return bool(self._fifo or self._ready)
 
-    def unfinished_span(self) -> tuple[int, int] | None:
-        """Lowest and highest offset that is delivered and not done (what the ledger is asked about)."""
-        low = next((e.offset for e in self._entries if not e.done), None)
-        if low is None:
-            return None
-        high = next(e.offset for e in reversed(self._entries) if not e.done)
-        return low, high
+    def is_head(self, entry: Entry) -> bool:
+        """Whether ``entry`` may run now: its predecessor (if any) reached a final state."""
+        if entry.prev < 0:
+            return True
+        prev = self._by_offset.get(entry.prev)
+        return prev is None or prev.done or prev.released
 
     def dispatched_unfinished(self) -> list[Entry]:
         """Records dispatched whose message has not reached a final state yet."""
@@ -219,12 +232,18 @@ class PartitionState:
         queue = self._queues.get(group)
         if queue is None:
             return
-        queue.busy = False
+        queue.running -= 1
         while queue.entries and queue.entries[0].done:
             queue.entries.popleft()
         if queue.entries:
-            self._push_ready(queue.entries[0])
+            if queue.running == self.depth - 1:
+                self._push_ready(queue.entries[0])
         else:
+            self._drop_if_idle(group, queue)
+
+    def _drop_if_idle(self, group: Hashable, queue: _KeyQueue) -> None:
+        # A group with records on the lane keeps its chain: the next record names the last.
+        if not queue.running and not queue.entries:
             del self._queues[group]
 
     def committable(self) -> int | None:

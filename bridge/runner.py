@@ -27,6 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 
 from .consumer import consumer_config, is_cooperative
 from .deadletter import DeadLetters, Outcome, dead_letter_headers
+from .enqueue import EnqueueError, enqueue_many, pipelined
 from .errors import (
     ConfigurationError,
     FatalError,
@@ -38,7 +39,7 @@ from .errors import (
 )
 from .handlers import Handler, run_hooks
 from .keys import PartitionKeys, lane_name, status_key
-from .ledger import Ledger, Progress, connect
+from .ledger import Ledger, Progress, connect, staged_value
 from .middleware import OPTION
 from .partition import Entry, PartitionState
 from .probe import Probe
@@ -54,6 +55,15 @@ TP = tuple[str, int]
 _OUTAGES = (LedgerUnavailable, TaskBrokerUnavailable)
 
 
+class _BatchFailed(Exception):
+    """Records of a batch from index ``sent`` on may not be on their lanes."""
+
+    def __init__(self, sent: int, error: TaskBrokerUnavailable | LedgerUnavailable) -> None:
+        super().__init__(str(error))
+        self.sent = sent
+        self.error = error
+
+
 @dataclass(slots=True, eq=False)
 class Owned:
     """A partition this bridge currently owns."""
@@ -67,6 +77,9 @@ class Owned:
     window: int
     start_offset: int
     dead_letter_topic: str | None
+    #: Ordered mode on a Redis broker: records behind an unfinished one are staged in the ledger,
+    #: and the worker that finishes a record starts the next itself.
+    stages: bool = False
     needs_setup: bool = False
     handing_over: bool = True
     handover_deadline: float = 0.0
@@ -368,13 +381,15 @@ class Bridge:
 
     def _dispatch(self, now: float) -> None:
         room = self.settings.max_in_flight - sum(o.state.dispatched_open for o in self.owned.values())
+        batch: list[tuple[Owned, Entry, int]] = []
         for owned in self.owned.values():
             if room <= 0:
-                return
+                break
             if owned.handing_over or not owned.state.has_ready():
                 continue
             taken = owned.state.take_ready(room, now)
-            for i, entry in enumerate(taken):
+            room -= len(taken)
+            for entry in taken:
                 if entry.size > self.settings.max_message_bytes:
                     self._fail(
                         owned,
@@ -391,16 +406,15 @@ class Bridge:
                         },
                     )
                     continue
-                try:
-                    self._enqueue(owned, entry)
-                except TaskBrokerUnavailable:
-                    for rest in reversed(taken[i:]):
-                        owned.state.undispatch(rest)
-                    raise
-                self.stats.dispatched += 1
-            room -= len(taken)
+                batch.append((owned, entry, 1))
+        try:
+            self._enqueue(batch)
+        except _BatchFailed as e:
+            for owned, entry, _ in reversed(batch[e.sent :]):
+                owned.state.undispatch(entry)
+            raise e.error from None
 
-    def _enqueue(self, owned: Owned, entry: Entry, attempt: int = 1) -> None:
+    def _message(self, owned: Owned, entry: Entry, attempt: int) -> dramatiq.Message[Any]:
         meta: dict[str, Any] = {
             "g": self.settings.group_id,
             "t": owned.topic,
@@ -410,24 +424,69 @@ class Bridge:
         }
         if attempt > 1:
             meta["a"] = attempt
-        message: dramatiq.Message[Any] = dramatiq.Message(
+        if entry.prev >= 0:
+            meta["pv"] = entry.prev
+        return dramatiq.Message(
             queue_name=owned.lane,
             actor_name=owned.handler.actor.actor_name,
             args=(entry.payload,),
             kwargs={},
             options={OPTION: meta},
         )
+
+    def _enqueue(self, batch: list[tuple[Owned, Entry, int]]) -> None:
+        """Put a batch of records on their lanes (or stage them behind their predecessors) in
+        order: one round trip to the ledger and one pipeline per broker, per chunk."""
+        chunk = self.settings.enqueue_batch
+        for start in range(0, len(batch), chunk):
+            part = batch[start : start + chunk]
+            lane = self._stage(part, start)
+            by_broker: dict[int, list[int]] = {}
+            for i in lane:
+                by_broker.setdefault(id(part[i][0].handler.actor.broker), []).append(i)
+            for indexes in by_broker.values():
+                broker = part[indexes[0]][0].handler.actor.broker
+                try:
+                    enqueue_many(broker, [self._message(*part[i]) for i in indexes])
+                except EnqueueError as e:
+                    owned, entry, _ = part[indexes[e.done]]
+                    where = f"{owned.where}@{entry.offset} on lane {owned.lane}"
+                    raise _BatchFailed(start, TaskBrokerUnavailable(f"enqueue of {where} failed: {e}")) from e
+            self.stats.dispatched += len(part)
+            if self.probe:
+                for owned, entry, attempt in part:
+                    self.probe.event(
+                        "dispatched", t=owned.topic, p=owned.partition, o=entry.offset, e=owned.state.epoch, a=attempt
+                    )
+                    self.probe.point("after-enqueue")
+
+    def _stage(self, part: list[tuple[Owned, Entry, int]], start: int) -> list[int]:
+        """Stage the records of ``part`` that wait for an unfinished predecessor; the indexes of
+        the others, which go on their lanes."""
+        staged: dict[PartitionKeys, list[int]] = {}
+        lane: list[int] = []
+        for i, (owned, entry, attempt) in enumerate(part):
+            if owned.stages and entry.prev >= 0 and attempt == 1:
+                staged.setdefault(owned.keys, []).append(i)
+            else:
+                lane.append(i)
+        if not staged:
+            return lane
+        pairs: dict[PartitionKeys, list[tuple[int, str]]] = {}
+        for keys, indexes in staged.items():
+            pairs[keys] = []
+            for i in indexes:
+                owned, entry, attempt = part[i]
+                message = self._message(owned, entry, attempt)
+                body = message.copy(options={"redis_message_id": message.message_id}).encode()
+                pairs[keys].append((entry.prev, staged_value(entry.offset, owned.state.epoch, attempt, body)))
         try:
-            owned.handler.actor.broker.enqueue(message)
-        except Exception as e:
-            raise TaskBrokerUnavailable(
-                f"enqueue of {owned.where}@{entry.offset} on lane {owned.lane} failed: {e}"
-            ) from e
-        if self.probe:
-            self.probe.event(
-                "dispatched", t=owned.topic, p=owned.partition, o=entry.offset, e=owned.state.epoch, a=attempt
-            )
-            self.probe.point("after-enqueue")
+            late = self.ledger.stage(pairs)
+        except LedgerUnavailable as e:
+            raise _BatchFailed(start, e) from e
+        for keys, indexes in late.items():
+            lane.extend(staged[keys][j] for j in indexes)
+        return sorted(lane)
 
     def _redispatch(self, now: float) -> None:
         """Dispatch again records that show no sign of life for ``redispatch_timeout``."""
@@ -435,13 +494,21 @@ class Bridge:
         for owned in self.owned.values():
             if owned.handing_over:
                 continue
+            # In ordered modes only the first unfinished record of a partition (key) can be lost:
+            # the ones behind it wait, staged or parked, without a sign of life.
             stale = [
-                e for e in owned.state.dispatched_unfinished() if e.failure is None and now - e.checked_at > timeout
+                e
+                for e in owned.state.dispatched_unfinished()
+                if e.failure is None and now - e.checked_at > timeout and owned.state.is_head(e)
             ]
             if not stale:
                 continue
+            # Completion notices are a fast path; the done facts themselves decide.
+            self._apply_progress(owned, self.ledger.progress(owned.keys, [e.offset for e in stale]), now)
+            stale = [e for e in stale if not e.done and e.failure is None]
             seen = self.ledger.last_seen(owned.keys, [e.offset for e in stale])
             wall_ms = time.time() * 1000
+            again: list[tuple[Owned, Entry, int]] = []
             for entry in stale:
                 last = seen.get(entry.offset)
                 entry.checked_at = now
@@ -456,8 +523,13 @@ class Bridge:
                     timeout,
                     attempt,
                 )
-                self._enqueue(owned, entry, attempt)
-                self.stats.redispatched += 1
+                again.append((owned, entry, attempt))
+            try:
+                self._enqueue(again)
+            except _BatchFailed as e:
+                raise e.error from None
+            self.stats.redispatched += len(again)
+            self.stats.dispatched -= len(again)
 
     def _apply_backpressure(self) -> None:
         total = sum(o.state.open for o in self.owned.values())
@@ -471,19 +543,15 @@ class Bridge:
     # -- ledger -----------------------------------------------------------------------------
 
     def _read_ledger(self, only: list[Owned] | None = None) -> None:
-        spans: dict[PartitionKeys, tuple[int, int]] = {}
-        by_keys: dict[PartitionKeys, Owned] = {}
-        for owned in only if only is not None else self.owned.values():
-            if not owned.state.dispatched_open or owned.needs_setup:
-                continue
-            span = owned.state.unfinished_span()
-            if span is not None:
-                spans[owned.keys] = span
-                by_keys[owned.keys] = owned
-        if not spans:
+        by_keys = {
+            owned.keys: owned
+            for owned in (only if only is not None else self.owned.values())
+            if owned.state.dispatched_open and not owned.needs_setup
+        }
+        if not by_keys:
             return
         now = time.monotonic()
-        for keys, progress in self.ledger.progress(spans).items():
+        for keys, progress in self.ledger.completions(list(by_keys)).items():
             self._apply_progress(by_keys[keys], progress, now)
 
     def _apply_progress(self, owned: Owned, progress: Progress, now: float) -> None:
@@ -683,7 +751,9 @@ class Bridge:
         keys = [PartitionKeys(group, tp.topic, tp.partition) for tp in committed]
         lanes = {lane_name(group, tp.topic, tp.partition): tp.topic for tp in committed}
         try:
-            epochs: list[int] | None = self.ledger.bump_epochs(keys)
+            epochs: list[int] | None = self.ledger.bump_epochs(
+                {k: max(tp.offset, -1) for k, tp in zip(keys, committed, strict=True)}
+            )
             self.ledger.open_lanes(lanes)
         except LedgerUnavailable as e:
             logger.error("%s; newly assigned partitions stay paused until the ledger answers", e)
@@ -709,10 +779,12 @@ class Bridge:
                     ordering=handler.ordering,
                     epoch=epochs[i] if epochs else 0,
                     start_offset=start if start >= 0 else None,
+                    depth=self.settings.lane_depth,
                 ),
                 window=handler.window or self.settings.window,
                 start_offset=start,
                 dead_letter_topic=handler.dead_letter_for(tp.topic),
+                stages=handler.ordering != "none" and pipelined(handler.actor.broker),
                 needs_setup=epochs is None,
                 handover_deadline=now + self.settings.handover_timeout,
                 confirmed=start,
@@ -745,7 +817,7 @@ class Bridge:
         pending = [o for o in self.owned.values() if o.needs_setup]
         if not pending:
             return
-        epochs = self.ledger.bump_epochs([o.keys for o in pending])
+        epochs = self.ledger.bump_epochs({o.keys: o.start_offset for o in pending})
         self.ledger.open_lanes({o.lane: o.topic for o in pending})
         for owned, epoch in zip(pending, epochs, strict=True):
             owned.state.epoch = epoch

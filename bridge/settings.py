@@ -39,6 +39,9 @@ class WorkerSettings(BaseSettings):
     lane_refresh_interval: float = Field(1.0, gt=0, le=60)
     #: Seconds between a worker's heartbeats for the records it is running.
     heartbeat_interval: float = Field(5.0, gt=0, le=600)
+    #: Seconds between a worker's looks at the ledger for a record parked until the previous
+    #: record of its partition (key) finishes; a finish normally wakes it at once.
+    park_recheck_interval: float = Field(1.0, gt=0, le=60)
 
     @field_validator("redis_url")
     @classmethod
@@ -65,6 +68,10 @@ class Settings(WorkerSettings):
     window: int = Field(1000, ge=1, le=1_000_000)
     #: Records held and not yet done over all partitions; beyond it partitions are paused.
     max_in_flight: int = Field(20_000, ge=1, le=10_000_000)
+    #: Ordered modes: records of one partition (one key) on its lane at once. Workers still run
+    #: them one at a time and in order; the ones behind wait their turn, so the next record
+    #: starts as soon as the previous one finishes (1: dispatch each only after the previous).
+    lane_depth: int = Field(32, ge=1, le=100_000)
     #: Seconds between offset commits (also when idle).
     commit_interval: float = Field(1.0, gt=0, le=300)
     #: Seconds a revoked partition's dispatched records get to finish before its final commit.
@@ -87,6 +94,8 @@ class Settings(WorkerSettings):
     wait_for_topics: bool = False
     #: Most records taken from the consumer in one poll.
     poll_batch: int = Field(500, ge=1, le=100_000)
+    #: Most messages put on lanes in one round trip to the task broker (Redis broker only).
+    enqueue_batch: int = Field(500, ge=1, le=100_000)
     #: Testing only: append a JSON line per assignment, dispatch, done fact and commit to this file.
     event_log: str | None = None
     #: Testing only: exit abruptly at the Nth passage of a crash point ("after-enqueue:500";

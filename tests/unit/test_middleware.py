@@ -115,7 +115,7 @@ def test_retries_exhausted_is_a_final_failure_and_never_done(
 
     send(stub_broker, handle, "orders", 1)
     run(stub_broker, worker, ledger, "orders")
-    progress = ledger.progress({keys("orders"): (0, 10)})[keys("orders")]
+    progress = ledger.progress(keys("orders"), range(0, 11))
     assert calls == [1, 1, 1]
     assert progress.done == []
     assert progress.failed[1]["error"] == {"type": "ValueError", "message": "boom"}
@@ -142,7 +142,7 @@ def test_a_failure_that_will_be_retried_is_not_done(stub_broker: StubBroker, led
     )
     ledger.start(keys("orders"), 4, 0, "w")
     middleware.after_process_message(stub_broker, msg, exception=ValueError("transient"))
-    progress = ledger.progress({keys("orders"): (0, 10)})[keys("orders")]
+    progress = ledger.progress(keys("orders"), range(0, 11))
     assert progress.done == [] and progress.failed == {}
     assert ledger.running(keys("orders")) == {}
 
@@ -193,7 +193,7 @@ def test_an_expired_age_limit_is_a_final_failure(
     send(stub_broker, handle, "orders", 6)
     time.sleep(0.01)
     run(stub_broker, worker, ledger, "orders")
-    progress = ledger.progress({keys("orders"): (0, 10)})[keys("orders")]
+    progress = ledger.progress(keys("orders"), range(0, 11))
     assert progress.done == []
     assert 6 in progress.failed
 
@@ -218,7 +218,7 @@ def test_a_message_for_an_unknown_actor_is_a_final_failure(
         )
     )
     run(stub_broker, worker, ledger, "orders")
-    assert 8 in ledger.progress({keys("orders"): (0, 10)})[keys("orders")].failed
+    assert 8 in ledger.progress(keys("orders"), range(0, 11)).failed
 
 
 def test_a_message_of_an_older_epoch_does_not_run_and_is_not_done(
@@ -231,8 +231,8 @@ def test_a_message_of_an_older_epoch_does_not_run_and_is_not_done(
     def handle(record: Record) -> None:
         calls.append(record.offset)
 
-    ledger.bump_epochs([keys("orders")])
-    ledger.bump_epochs([keys("orders")])
+    ledger.bump_epochs({keys("orders"): -1})
+    ledger.bump_epochs({keys("orders"): -1})
     send(stub_broker, handle, "orders", 1, epoch=1)
     send(stub_broker, handle, "orders", 2, epoch=2)
     run(stub_broker, worker, ledger, "orders")
@@ -268,7 +268,7 @@ def test_an_undecodable_value_fails_at_once_without_reaching_the_actor(
 
     send(stub_broker, handle, "orders", 1, value=b"{not json")
     run(stub_broker, worker, ledger, "orders")
-    failed = ledger.progress({keys("orders"): (0, 10)})[keys("orders")].failed
+    failed = ledger.progress(keys("orders"), range(0, 11)).failed
     assert calls == []
     assert failed[1]["error"]["type"] == "DecodeError"
     assert "value (json codec)" in failed[1]["error"]["message"]
@@ -309,3 +309,113 @@ def test_lanes_opened_by_a_bridge_are_declared_in_the_worker(stub_broker: StubBr
         assert lane_name(GROUP, "orders", 7) in worker.consumers
     finally:
         worker.stop()
+
+
+def send_chained(broker: StubBroker, actor: dramatiq.Actor[Any, Any], topic: str, offset: int, prev: int) -> None:
+    lane = lane_name(GROUP, topic, 0)
+    broker.declare_queue(lane)
+    meta = {"g": GROUP, "t": topic, "p": 0, "o": offset, "e": 1, "pv": prev}
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name=lane,
+            actor_name=actor.actor_name,
+            args=(envelope(topic, 0, offset, b"k", b"v", [], None),),
+            kwargs={},
+            options={OPTION: meta},
+        )
+    )
+
+
+def test_a_pipelined_record_starts_only_after_its_predecessor_finished(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    events: list[tuple[str, int]] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=0)
+    def handle(record: Record) -> None:
+        events.append(("start", record.offset))
+        time.sleep(0.2 if record.offset == 5 else 0)
+        events.append(("end", record.offset))
+
+    send_chained(stub_broker, handle, "orders", 5, -1)
+    send_chained(stub_broker, handle, "orders", 6, 5)
+    send_chained(stub_broker, handle, "orders", 7, 6)
+    run(stub_broker, worker, ledger, "orders")
+    assert events == [("start", 5), ("end", 5), ("start", 6), ("end", 6), ("start", 7), ("end", 7)]
+    assert ledger.done_from(keys("orders"), 0) == {5, 6, 7}
+
+
+def test_a_record_whose_predecessor_is_late_is_parked_without_holding_a_thread(
+    stub_broker: StubBroker, ledger: Ledger
+) -> None:
+    events: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=0)
+    def handle(record: Record) -> None:
+        events.append(record.offset)
+
+    middleware = ledger_middleware(stub_broker)
+    middleware._ledger = ledger
+    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        send_chained(stub_broker, handle, "orders", 7, 6)
+        send_chained(stub_broker, handle, "orders", 6, 5)  # both wait for 5, which arrives later
+        deadline = time.monotonic() + 5
+        while middleware.parking.parked < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert middleware.parking.parked == 2 and events == [], "parked, not run, not holding the one thread"
+        send_chained(stub_broker, handle, "orders", 5, -1)
+        while ledger.done_from(keys("orders"), 0) != {5, 6, 7} and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    assert events == [5, 6, 7]
+    assert middleware.parking.parked == 0
+
+
+def test_a_missed_announcement_is_covered_by_the_recheck(stub_broker: StubBroker, ledger: Ledger) -> None:
+    events: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=0)
+    def handle(record: Record) -> None:
+        events.append(record.offset)
+
+    middleware = ledger_middleware(stub_broker)
+    middleware._ledger = ledger
+    middleware._park_recheck_interval = 0.2
+    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    try:
+        send_chained(stub_broker, handle, "orders", 6, 5)
+        deadline = time.monotonic() + 5
+        while middleware.parking.parked < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ledger.client.zadd(keys("orders").done, {"5": 5})  # finished without an announcement
+        while events != [6] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    assert events == [6]
+
+
+def test_a_shutdown_puts_parked_records_back_on_their_lane(stub_broker: StubBroker, ledger: Ledger) -> None:
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=0)
+    def handle(record: Record) -> None:
+        pass
+
+    middleware = ledger_middleware(stub_broker)
+    middleware._ledger = ledger
+    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
+    worker.start()
+    send_chained(stub_broker, handle, "orders", 6, 5)
+    deadline = time.monotonic() + 5
+    while middleware.parking.parked < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    lane = stub_broker.queues[lane_name(GROUP, "orders", 0)]
+    assert lane.qsize() == 1, "the parked record is back on its lane"

@@ -126,15 +126,6 @@ def test_offsets_must_be_delivered_in_increasing_order() -> None:
         state.deliver(5, None, {})
 
 
-def test_unfinished_span_covers_the_lowest_and_highest_unfinished_offsets() -> None:
-    state = PartitionState(ordering="none", epoch=1, start_offset=0)
-    assert state.unfinished_span() is None
-    deliver(state, [0, 1, 2, 3])
-    state.take_ready(10)
-    state.mark_done([0, 3])
-    assert state.unfinished_span() == (1, 2)
-
-
 @pytest.mark.parametrize("ordering", ["partition", "key", "none"])
 def test_a_record_put_back_after_a_failed_dispatch_goes_out_again_first(ordering: str) -> None:
     state = PartitionState(ordering=ordering, epoch=1, start_offset=0)  # type: ignore[arg-type]
@@ -157,3 +148,45 @@ def test_offsets_10_to_19_finishing_in_three_batches_commit_11_then_20() -> None
         state.mark_done(batch)
         commits.append(state.committable())
     assert commits == [10, 11, 20]
+
+
+def test_partition_mode_pipelines_up_to_the_depth_each_record_naming_its_predecessor() -> None:
+    state = PartitionState(ordering="partition", epoch=1, start_offset=0, depth=3)
+    deliver(state, [0, 1, 2, 3, 4])
+    taken = state.take_ready(10)
+    assert [(e.offset, e.prev) for e in taken] == [(0, -1), (1, 0), (2, 1)]
+    assert state.take_ready(10) == [], "the depth is reached"
+    state.mark_done([0])
+    assert [(e.offset, e.prev) for e in state.take_ready(10)] == [(3, 2)]
+    state.mark_done([1, 2, 3])
+    assert [(e.offset, e.prev) for e in state.take_ready(10)] == [(4, 3)]
+
+
+def test_key_mode_chains_records_per_key_and_restarts_the_chain_of_an_idle_key() -> None:
+    state = PartitionState(ordering="key", epoch=1, start_offset=0, depth=2)
+    for offset, key in enumerate([b"a", b"b", b"a", b"a", b"b"]):
+        state.deliver(offset, key, {})
+    taken = state.take_ready(10)
+    assert sorted((e.offset, e.prev) for e in taken) == [(0, -1), (1, -1), (2, 0), (4, 1)]
+    state.mark_done([0, 2])
+    assert [(e.offset, e.prev) for e in state.take_ready(10)] == [(3, 2)]
+    state.mark_done([1, 3, 4])
+    state.deliver(5, b"a", {})
+    assert [(e.offset, e.prev) for e in state.take_ready(10)] == [(5, -1)], "nothing of key a is unfinished"
+
+
+def test_a_final_failure_frees_its_slot_and_stays_the_predecessor_of_the_next() -> None:
+    state = PartitionState(ordering="partition", epoch=1, start_offset=0, depth=1)
+    deliver(state, [0, 1])
+    (first,) = state.take_ready(10)
+    state.release(first)  # final failure: the worker treats the failed offset as finished
+    assert [(e.offset, e.prev) for e in state.take_ready(10)] == [(1, 0)]
+
+
+def test_undispatching_restores_the_chain() -> None:
+    state = PartitionState(ordering="partition", epoch=1, start_offset=0, depth=4)
+    deliver(state, [0, 1, 2])
+    taken = state.take_ready(10)
+    for entry in reversed(taken[1:]):
+        state.undispatch(entry)
+    assert [(e.offset, e.prev) for e in state.take_ready(10)] == [(1, 0), (2, 1)]

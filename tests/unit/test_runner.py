@@ -135,7 +135,7 @@ def test_a_final_failure_holds_the_commit_until_its_dead_letter_is_acknowledged(
     dead.ack(1)
     spin(bridge)
     assert consumer.committed_offsets[(T, 0)] == 3
-    assert ledger.progress({KEYS: (0, 10)})[KEYS].failed == {}, "the settled failure leaves the ledger"
+    assert ledger.progress(KEYS, range(0, 11)).failed == {}, "the settled failure leaves the ledger"
     assert bridge.stats.dead_lettered == 1
 
 
