@@ -54,6 +54,8 @@ def test_forced_consumer_properties_cannot_be_overridden() -> None:
     assert config["partition.assignment.strategy"] == "cooperative-sticky"
     # A join lost in a broker restart hangs at most this long; the bridge never blocks its poll.
     assert config["max.poll.interval.ms"] == 60000
+    assert config["fetch.wait.max.ms"] == 100
+    assert consumer_config(load_settings(kafka={"fetch.wait.max.ms": "500"}))["fetch.wait.max.ms"] == "500"
     assert is_cooperative(config)
 
 

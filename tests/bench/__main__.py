@@ -1,0 +1,142 @@
+"""``python -m tests.bench [--quick] [--json PATH] [--only NAMES] [--repeat N]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from devstack import ServiceError
+from tests.bench.cpu import CpuWatch, load_average, other_processes
+from tests.bench.params import Params
+from tests.bench.report import (
+    bridge_digest,
+    document,
+    git_state,
+    machine,
+    measurement_table,
+    target_table,
+    write_json,
+)
+from tests.bench.scenarios import ALIASES, SCENARIOS, Bench, Out, resolve
+from tests.bench.services import Services
+from tests.support.bridge_proc import REPO
+
+METHOD = [
+    "Every run: fresh topic with 6 partitions, fresh consumer group, its own dramatiq workers (stock CLI, "
+    "2 processes x 8 threads, default dramatiq settings) and bridge subprocess (python -m bridge run "
+    "tests.bench.actors); processes stopped, topics deleted and Redis flushed between runs.",
+    "Comparisons alternate baseline and subject (A B A B ...); ratios are ratios of medians.",
+    "Workers look for new lanes every 0.2 s (BRIDGE_LANE_REFRESH_INTERVAL=0.2); every other bridge setting "
+    "is its default unless a scenario says otherwise.",
+    "Handler completion is counted in memory per worker process and flushed to Redis every 20 ms by a "
+    "background thread (no per-record Redis write in throughput runs); the same counter runs in the stock "
+    "baseline's actor.",
+    "First dispatch = first time a lane holds a message (LLEN polled every 10 ms), falling back to the first "
+    "handler start; committed offsets are read every 50 ms by a consumer that does not join the group.",
+    "T1: workers stopped; BRIDGE_WINDOW = BRIDGE_MAX_IN_FLIGHT = backlog; queue lengths polled every 20 ms.",
+    "T2 target row excludes bridge start-up (process start, imports, dead-letter topic check, group join); the "
+    "-incl-startup row includes it. T7 is measured in the T2 runs.",
+    "T3 and T4 rates run from the first dispatch to the last handler end (a commit lags by up to one commit "
+    "interval, which would dominate a few-second run); the -to-commit measurements end at committed == end.",
+    "T4: key k goes to partition k % 6, so every partition holds the same number of records and keys.",
+    "T5: producer paced at the given rate with linger.ms=0 and CreateTime timestamps; latency = handler start "
+    "minus record timestamp; records produced in the first warm-up seconds are discarded. T5 and T6 run once.",
+    "T6: BRIDGE_PROGRESS_INTERVAL=1 so that the status hash (in-flight count) is at most 1 s old; memory "
+    "sampled every second; ledger = every kdb:* key, MEMORY USAGE ... SAMPLES 0.",
+]
+
+
+def _check_load(out: Out) -> dict[str, Any]:
+    loadavg, others = load_average(), other_processes()
+    out.line(f"load average {loadavg}")
+    if others:
+        out.line("WARNING: processes this benchmark did not start share the machine; results will be noisy:")
+        for line in others:
+            out.line(f"    {line}")
+    return {"loadavg": loadavg, "other_processes": others}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small record counts, 1 repetition (smoke test)")
+    parser.add_argument("--json", type=Path, default=REPO / ".cache" / "bench" / "results.json",
+                        help="where to write the results (default .cache/bench/results.json)")
+    parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} "
+                        f"(aliases: {', '.join(f'{a}={s}' for a, s in ALIASES.items())})")
+    parser.add_argument("--repeat", type=int, help="repetitions of each comparison (default 3, quick 1)")
+    args = parser.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    params = Params.create(args.quick, args.repeat)
+    names = resolve(args.only)
+    out = Out()
+    started = time.time()
+    out.line(f"kafka-dramatiq-bridge benchmark, {params.mode} mode, scenarios {', '.join(names)}")
+    out.line("parameters: " + ", ".join(f"{k}={v}" for k, v in params.as_dict().items()))
+    git = git_state()
+    out.line(f"code: commit {git['commit']}, bridge sources {git['bridge_sources_sha256']}, "
+             f"uncommitted bridge/ files: {git['uncommitted_bridge_files'] or 'none'}")
+
+    bench: Bench | None = None
+    machine_info: dict[str, object] = {}
+    load: dict[str, Any] = {}
+    complete = False
+    code = 0
+    watch = CpuWatch()
+    began = watch.mark()
+    try:
+        with watch, Services(out.line) as services:
+            machine_info = machine(services.redis_version())
+            out.line("machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()))
+            load["start"] = _check_load(out)
+            bench = Bench(services, params, out, watch)
+            bench.run(names)
+            complete = True
+            load["end"] = _check_load(out)
+    except ServiceError as e:
+        print(f"error: a service could not be started: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted: every process started by the benchmark has been stopped", file=sys.stderr)
+        code = 130
+    finally:
+        if bench is not None:
+            load["during"] = watch.since(began)
+            if bridge_digest() != git["bridge_sources_sha256"]:
+                bench.notes.append("the bridge's sources changed on disk while the benchmark ran: runs may have "
+                                   "measured different code")
+            targets = bench.targets()
+            doc = document(
+                machine_info={**machine_info, "load": load}, params=params.as_dict(), scenarios=names,
+                measurements=bench.measurements, targets=targets, notes=METHOD + bench.notes,
+                failures=bench.failures, started=started, complete=complete,
+            )
+            write_json(args.json, doc)
+            print()
+            print(f"Machine: {machine_info.get('cpu_count')} x {machine_info.get('cpu_model')}, "
+                  f"Python {machine_info.get('python')}, Kafka {machine_info.get('kafka')}, "
+                  f"redis {machine_info.get('redis')}, dramatiq {machine_info.get('dramatiq')}; "
+                  f"{params.mode} mode, repeat {params.repeat}; commit {git['commit']}")
+            print()
+            print(measurement_table(bench.measurements))
+            print()
+            print(target_table(targets))
+            for note in bench.notes:
+                print(f"note: {note}")
+            for failure in bench.failures:
+                print(f"FAILED: {failure}")
+            during = load["during"]
+            print(f"other processes took {during['other_cpu_share']:.1%} of the CPUs during the benchmark "
+                  f"({during['other_cpu_s']:.0f} CPU-s)")
+            print(f"\nresults written to {args.json} ({doc['duration_s']:.0f}s)")
+            if bench.failures and code == 0:
+                code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

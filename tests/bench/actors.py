@@ -1,0 +1,103 @@
+"""Actors of the benchmark, configured through the environment (read at import in every process).
+
+  BRIDGE_REDIS_URL    the dramatiq broker (and the bridge's ledger); required
+  KDB_BENCH_TOPIC     topic of the Kafka handler; unset: no handler is registered (stock baseline,
+                      naive loop), so those processes run plain dramatiq without the bridge
+  KDB_BENCH_ORDERING  partition | key | none (default none)
+  KDB_BENCH_SLEEP_MS  milliseconds the handler sleeps per record (default 0)
+  KDB_BENCH_LATENCY   Redis list receiving "<record timestamp ms> <produce->handler start ms>" per
+                      record; unset (throughput scenarios): no per-record Redis write at all
+
+Completion is counted in memory per worker process (count, first handler start, last handler end)
+and written to the Redis hash ``bench:tally`` by a background thread every 20 ms, so the no-op
+path of the throughput scenarios costs a lock and three assignments instead of a Redis round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from bridge import Record, kafka_handler
+
+#: Redis hash: worker pid -> "count first_start_ms last_end_ms".
+TALLY_KEY = "bench:tally"
+#: Queue of the plain actor used by the stock baseline and the naive loop.
+PLAIN_QUEUE = "bench"
+
+URL = os.environ["BRIDGE_REDIS_URL"]
+broker = RedisBroker(url=URL)  # type: ignore[no-untyped-call]
+dramatiq.set_broker(broker)
+
+TOPIC = os.environ.get("KDB_BENCH_TOPIC", "")
+ORDERING = os.environ.get("KDB_BENCH_ORDERING", "none")
+SLEEP = float(os.environ.get("KDB_BENCH_SLEEP_MS", "0")) / 1000
+LATENCY = os.environ.get("KDB_BENCH_LATENCY", "")
+
+_redis = redis.Redis.from_url(URL)
+
+
+class _Tally:
+    """Per-process completion counter, flushed to Redis off the handler's path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.first_start = 0.0
+        self.last_end = 0.0
+        self._flusher: threading.Thread | None = None
+
+    def add(self, started: float, ended: float) -> None:
+        with self._lock:
+            self.count += 1
+            if not self.first_start or started < self.first_start:
+                self.first_start = started
+            self.last_end = max(self.last_end, ended)
+            if self._flusher is None:
+                # Started on first use: the dramatiq parent process never runs actors.
+                self._flusher = threading.Thread(target=self._flush_loop, name="bench-tally", daemon=True)
+                self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        field = str(os.getpid())
+        written = -1
+        while True:
+            time.sleep(0.02)
+            with self._lock:
+                count, first, last = self.count, self.first_start, self.last_end
+            if count == written:
+                continue
+            try:
+                _redis.hset(TALLY_KEY, field, f"{count} {first * 1000:.3f} {last * 1000:.3f}")
+                written = count
+            except redis.RedisError:
+                pass  # the next round writes the newer value
+
+
+_tally = _Tally()
+
+
+@dramatiq.actor(queue_name=PLAIN_QUEUE)
+def plain_noop(*args: Any) -> None:
+    """The stock-dramatiq baseline's no-op (and what the naive loop sends)."""
+    now = time.time()
+    _tally.add(now, now)
+
+
+if TOPIC:
+
+    @kafka_handler(TOPIC, ordering=ORDERING)  # type: ignore[arg-type]
+    @dramatiq.actor
+    def bench_handler(record: Record) -> None:
+        started = time.time()
+        if LATENCY and record.timestamp is not None:
+            _redis.rpush(LATENCY, f"{record.timestamp} {started * 1000 - record.timestamp:.3f}")
+        if SLEEP:
+            time.sleep(SLEEP)
+        _tally.add(started, time.time())

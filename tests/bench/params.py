@@ -1,0 +1,65 @@
+"""Every parameter of one benchmark invocation (printed and written to the JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Params:
+    mode: str
+    #: Repetitions of every comparison (baseline and subject alternate: A B A B ...) and of T3.
+    repeat: int
+    partitions: int = 6
+    worker_processes: int = 2
+    worker_threads: int = 8
+    #: Backlog read by the raw confluent-kafka consumer.
+    raw_records: int = 200_000
+    #: T1: backlog moved onto the queues with no worker running, bridge vs naive loop.
+    t1_backlog: int = 200_000
+    #: T2/T7 (and the stock baseline): no-op records, none mode.
+    t2_records: int = 50_000
+    #: T3: partition mode, spread evenly over the partitions.
+    t3_records: int = 6_000
+    handler_sleep_ms: float = 5.0
+    #: T4: key mode vs none mode.
+    t4_records: int = 6_000
+    t4_keys: int = 1_000
+    #: T5: steady producer rate, duration and the warm-up that is left out of the percentiles.
+    t5_rate: float = 500.0
+    t5_seconds: float = 20.0
+    t5_warmup_s: float = 2.0
+    t5_keys: int = 1_000
+    #: T5: the longest the handlers may take to catch up after the producer stopped; records still
+    #: unhandled then count with their age at that moment (a lower bound) in the percentiles.
+    t5_drain_s: float = 30.0
+    #: T6: backlog, and the longest the run may take before it is stopped (progress reported).
+    t6_records: int = 1_000_000
+    t6_cap_s: float = 60.0
+    #: The bridge's default commit interval (T7 divides by it).
+    commit_interval_s: float = 1.0
+    #: How often committed offsets are read from Kafka.
+    commit_poll_s: float = 0.05
+    lane_refresh_interval_s: float = 0.2
+
+    @classmethod
+    def create(cls, quick: bool, repeat: int | None) -> Params:
+        if not quick:
+            return cls(mode="full", repeat=repeat or 3)
+        return cls(
+            mode="quick",
+            repeat=repeat or 1,
+            raw_records=20_000,
+            t1_backlog=20_000,
+            t2_records=5_000,
+            t3_records=1_200,
+            t4_records=1_200,
+            t5_seconds=5.0,
+            t5_drain_s=5.0,
+            t6_records=100_000,
+            t6_cap_s=10.0,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,121 @@
+"""Measurements (every repetition and the median) and target rows."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class Measurement:
+    """One quantity measured ``repeat`` times; ``runs`` keeps each repetition's details."""
+
+    name: str
+    what: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> float | None:
+        return median(self.values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "unit": self.unit,
+            "values": self.values,
+            "median": self.median,
+            "runs": self.runs,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class Target:
+    id: str
+    what: str
+    value: float | None
+    unit: str
+    target: str
+    #: Set for comparisons: the baseline's median and value / baseline.
+    baseline: float | None = None
+    ratio: float | None = None
+    met: bool | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "what": self.what,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "ratio": self.ratio,
+            "target": self.target,
+            "met": self.met,
+            "note": self.note,
+        }
+
+
+def ratio_row(
+    row_id: str, what: str, subject: Measurement, baseline: Measurement, minimum: float | None, note: str = ""
+) -> Target:
+    """subject median / baseline median, met when at least ``minimum`` (None: for information)."""
+    value, base = subject.median, baseline.median
+    ratio = value / base if value is not None and base else None
+    return Target(
+        id=row_id,
+        what=what,
+        value=value,
+        unit=subject.unit,
+        baseline=base,
+        ratio=ratio,
+        target=f"ratio >= {minimum:g}" if minimum is not None else "(for information)",
+        met=None if minimum is None else ratio is not None and ratio >= minimum,
+        note=note,
+    )
+
+
+def bound_row(
+    row_id: str,
+    what: str,
+    measurement: Measurement,
+    *,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    reference: float | None = None,
+    note: str = "",
+) -> Target:
+    """An absolute target on a measurement's median; ``reference`` only adds a ratio for context."""
+    value = measurement.median
+    if at_least is not None:
+        target, met = f">= {at_least:g} {measurement.unit}", value is not None and value >= at_least
+    elif at_most is not None:
+        target, met = f"<= {at_most:g} {measurement.unit}", value is not None and value <= at_most
+    else:
+        target, met = "(for information)", None
+    return Target(
+        id=row_id,
+        what=what,
+        value=value,
+        unit=measurement.unit,
+        baseline=reference,
+        ratio=value / reference if value is not None and reference else None,
+        target=target,
+        met=met,
+        note=note,
+    )
