@@ -326,14 +326,7 @@ class Ledger:
         """Wall-clock milliseconds of the latest start or heartbeat of each running offset."""
         if not offsets:
             return {}
-        fields = [str(o) for o in offsets]
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.hmget(keys.running, fields)
-                pipe.hmget(keys.beats, fields)
-                starts, beats = pipe.execute()
-        except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading liveness of {keys.topic}[{keys.partition}]: {e}") from e
+        starts, beats = self._per_offset(keys, offsets, "liveness", keys.running, keys.beats)
         seen: dict[int, int] = {}
         for offset, start, beat in zip(offsets, starts, beats, strict=True):
             times = [int(json.loads(start)["t"])] if start else []
@@ -401,16 +394,9 @@ class Ledger:
     def progress(self, keys: PartitionKeys, offsets: Sequence[int]) -> Progress:
         """Which of ``offsets`` are done or finally failed: the full check behind the
         notifications of :meth:`completions`."""
-        fields = [str(o) for o in offsets]
-        if not fields:
+        if not offsets:
             return Progress([], {})
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.zmscore(keys.done, fields)
-                pipe.hmget(keys.failed, fields)
-                scores, details = pipe.execute()
-        except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading progress of {keys.topic}[{keys.partition}]: {e}") from e
+        scores, details = self._per_offset(keys, offsets, "progress", keys.done, keys.failed)
         done = [o for o, score in zip(offsets, scores, strict=True) if score is not None]
         failed = {o: json.loads(v) for o, v, score in zip(offsets, details, scores, strict=True) if v and score is None}
         return Progress(done, failed)
@@ -438,6 +424,20 @@ class Ledger:
                 )
         except redis.RedisError as e:
             raise LedgerUnavailable(f"pruning ledger: {e}") from e
+
+    def _per_offset(
+        self, keys: PartitionKeys, offsets: Sequence[int], doing: str, first: str, second: str
+    ) -> tuple[list[Any], list[Any]]:
+        """One value per offset from each of two keys (a sorted set's scores, or a hash's fields)."""
+        fields = [str(o) for o in offsets]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in (first, second):
+                    (pipe.zmscore if key == keys.done else pipe.hmget)(key, fields)
+                a, b = pipe.execute()
+        except redis.RedisError as e:
+            raise LedgerUnavailable(f"reading {doing} of {keys.topic}[{keys.partition}]: {e}") from e
+        return a, b
 
     def publish_status(self, key: str, entries: Mapping[str, str]) -> None:
         self._hset(key, entries, "publishing status")

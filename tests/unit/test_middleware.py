@@ -346,9 +346,10 @@ def test_a_pipelined_record_starts_only_after_its_predecessor_finished(
     assert ledger.done_from(keys("orders"), 0) == {5, 6, 7}
 
 
-def test_a_record_whose_predecessor_is_late_is_parked_without_holding_a_thread(
-    stub_broker: StubBroker, ledger: Ledger
-) -> None:
+def one_thread_worker(
+    broker: StubBroker, ledger: Ledger, recheck: float | None = None
+) -> tuple[list[int], dramatiq.Actor[Any, Any], LedgerMiddleware, dramatiq.Worker]:
+    """A handler recording offsets, and a started worker with a single thread."""
     events: list[int] = []
 
     @kafka_handler("orders")
@@ -356,20 +357,32 @@ def test_a_record_whose_predecessor_is_late_is_parked_without_holding_a_thread(
     def handle(record: Record) -> None:
         events.append(record.offset)
 
-    middleware = ledger_middleware(stub_broker)
+    middleware = ledger_middleware(broker)
     middleware._ledger = ledger
-    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
+    if recheck is not None:
+        middleware._park_recheck_interval = recheck
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
     worker.start()
+    return events, handle, middleware, worker
+
+
+def eventually(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_record_whose_predecessor_is_late_is_parked_without_holding_a_thread(
+    stub_broker: StubBroker, ledger: Ledger
+) -> None:
+    events, handle, middleware, worker = one_thread_worker(stub_broker, ledger)
     try:
         send_chained(stub_broker, handle, "orders", 7, 6)
         send_chained(stub_broker, handle, "orders", 6, 5)  # both wait for 5, which arrives later
-        deadline = time.monotonic() + 5
-        while middleware.parking.parked < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: middleware.parking.parked == 2)
         assert middleware.parking.parked == 2 and events == [], "parked, not run, not holding the one thread"
         send_chained(stub_broker, handle, "orders", 5, -1)
-        while ledger.done_from(keys("orders"), 0) != {5, 6, 7} and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: ledger.done_from(keys("orders"), 0) == {5, 6, 7})
     finally:
         worker.stop()
     assert events == [5, 6, 7]
@@ -377,45 +390,21 @@ def test_a_record_whose_predecessor_is_late_is_parked_without_holding_a_thread(
 
 
 def test_a_missed_announcement_is_covered_by_the_recheck(stub_broker: StubBroker, ledger: Ledger) -> None:
-    events: list[int] = []
-
-    @kafka_handler("orders")
-    @dramatiq.actor(max_retries=0)
-    def handle(record: Record) -> None:
-        events.append(record.offset)
-
-    middleware = ledger_middleware(stub_broker)
-    middleware._ledger = ledger
-    middleware._park_recheck_interval = 0.2
-    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
-    worker.start()
+    events, handle, middleware, worker = one_thread_worker(stub_broker, ledger, recheck=0.2)
     try:
         send_chained(stub_broker, handle, "orders", 6, 5)
-        deadline = time.monotonic() + 5
-        while middleware.parking.parked < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: middleware.parking.parked == 1)
         ledger.client.zadd(keys("orders").done, {"5": 5})  # finished without an announcement
-        while events != [6] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: events == [6])
     finally:
         worker.stop()
     assert events == [6]
 
 
 def test_a_shutdown_puts_parked_records_back_on_their_lane(stub_broker: StubBroker, ledger: Ledger) -> None:
-    @kafka_handler("orders")
-    @dramatiq.actor(max_retries=0)
-    def handle(record: Record) -> None:
-        pass
-
-    middleware = ledger_middleware(stub_broker)
-    middleware._ledger = ledger
-    worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
-    worker.start()
+    events, handle, middleware, worker = one_thread_worker(stub_broker, ledger)
     send_chained(stub_broker, handle, "orders", 6, 5)
-    deadline = time.monotonic() + 5
-    while middleware.parking.parked < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: middleware.parking.parked == 1)
     worker.stop()
     lane = stub_broker.queues[lane_name(GROUP, "orders", 0)]
-    assert lane.qsize() == 1, "the parked record is back on its lane"
+    assert lane.qsize() == 1 and events == [], "the parked record is back on its lane, not run"
