@@ -59,6 +59,33 @@ def other_processes() -> list[str]:
     return others
 
 
+#: Components of a run, by a marker in their command line; the benchmark process itself is "bench".
+_COMPONENTS = (("kafka", "kafka.Kafka"), ("redis", "redis-server"), ("workers", "dramatiq"), ("bridge", "-m bridge"))
+
+
+def by_component() -> dict[str, float]:
+    """CPU seconds used so far by the processes of this tree, summed per component."""
+    processes = _processes()
+    totals = {name: 0.0 for name, _ in _COMPONENTS} | {"bench": 0.0}
+    for pid in _tree(processes, os.getpid()):
+        try:
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        name = "bench" if pid == os.getpid() else next((n for n, marker in _COMPONENTS if marker in argv), None)
+        if name is not None:
+            totals[name] += processes[pid][1]
+    return totals
+
+
+def cpu_ms_per_record(before: dict[str, float], after: dict[str, float], records: int) -> dict[str, float]:
+    """CPU milliseconds per record of each component between two :func:`by_component` readings
+    (a process started in between counts from zero)."""
+    spent = {name: max(after[name] - before.get(name, 0.0), 0.0) for name in after}
+    spent["total"] = sum(spent.values())
+    return {name: round(seconds * 1000 / max(records, 1), 3) for name, seconds in spent.items()}
+
+
 class CpuWatch:
     """Accumulates the CPU seconds of processes outside this tree, sampled every second."""
 

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, Producer
 
 from bridge.keys import LANES_KEY, lane_name, status_key
 from devstack import DramatiqWorkers, ServiceError
-from tests.bench.cpu import CpuWatch
+from tests.bench.cpu import CpuWatch, by_component, cpu_ms_per_record
 from tests.bench.params import Params
 from tests.bench.results import Measurement, Target, bound_row, median, percentile, ratio_row
 from tests.bench.services import (
@@ -350,6 +350,7 @@ class Bench:
                 except BaseException as e:
                     errors.append(e)
 
+            cpu_before = by_component()
             t0 = time.time()
             sender = threading.Thread(target=send, name="stock-sender", daemon=True)
             sender.start()
@@ -369,8 +370,10 @@ class Bench:
                 if now - t0 > 60 + n / 250:
                     raise RunFailed(f"stock: {tally.count}/{n} processed")
             sender.join()
+            cpu = cpu_ms_per_record(cpu_before, by_component(), n)
         assert tally.last_end is not None
         return {
+            "cpu_ms_per_record": cpu,
             "records": n,
             "rate": n / (tally.last_end - t0),
             "send_rate": n / (sent_at[0] - t0),
@@ -413,6 +416,7 @@ class Bench:
             lanes = [f"dramatiq:{lane_name(group, topic, p)}" for p in range(PARTITIONS)]
             samples: list[dict[str, Any]] = []
             with Committed(self.services.bootstrap, group, topic) as committed:
+                cpu_before = by_component()
                 t0 = time.time()
                 with self.services.bridge(env, run.dir) as bridge:
                     assert bridge.proc is not None
@@ -426,6 +430,7 @@ class Bench:
                         sample=sample if memory else None,
                     )
                     peak = vm_status(pid).get("VmHWM", 0)
+                    cpu = cpu_ms_per_record(cpu_before, by_component(), done)
                     t_stop = time.time()
                     try:
                         code = bridge.stop(timeout=60)
@@ -435,6 +440,7 @@ class Bench:
                 final = committed.read()
             tally = self.settled_tally(n if t_done is not None else 0)
         result: dict[str, Any] = {
+            "cpu_ms_per_record": cpu,
             "records": n,
             "bridge_exit_code": code,
             "bridge_stop_s": round(stopped_s, 3),
@@ -794,7 +800,7 @@ class Bench:
 
 _SHOWN = {"rate", "rate_incl_startup", "p50_ms", "p99_ms", "peak_rss_mb", "commit_lag_intervals",
           "per_partition_rate", "rate_to_last_end", "ledger_bytes_per_in_flight", "ledger_end_bytes",
-          "capped_after_s"}
+          "capped_after_s", "cpu_ms_per_record"}
 
 
 def _code(bridge: BridgeProcess) -> int | None:
