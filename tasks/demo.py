@@ -98,6 +98,8 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\nstopping: producer, then bridge (drain and commit), then workers ...", flush=True)
     finally:
+        # A second Ctrl-C must not abandon the services half stopped: the waits below are bounded.
+        signal.signal(signal.SIGINT, lambda *_: print("still stopping ...", flush=True))
         producer.send_signal(signal.SIGINT)
         producer.wait(30)
         if bridge.poll() is None:
