@@ -13,11 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
-
-try:
-    from dramatiq.brokers.redis import RedisBroker
-except ImportError:  # pragma: no cover - the redis extra is a dependency
-    RedisBroker = None  # type: ignore[assignment,misc]
+from dramatiq.brokers.redis import RedisBroker
 
 
 class EnqueueError(Exception):
@@ -31,12 +27,7 @@ class EnqueueError(Exception):
 
 def pipelined(broker: dramatiq.Broker) -> bool:
     """Whether ``broker`` takes the pipelined path."""
-    return (
-        RedisBroker is not None
-        and isinstance(broker, RedisBroker)
-        and isinstance(getattr(broker, "namespace", None), str)
-        and hasattr(broker, "client")
-    )
+    return isinstance(broker, RedisBroker)
 
 
 def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[Any]]) -> None:

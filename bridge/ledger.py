@@ -21,13 +21,25 @@ from .keys import LANES_KEY, PartitionKeys
 
 StartResult = Literal["run", "fenced", "done", "superseded", "wait"]
 
+# The start and finish scripts take the same keys of one partition (see _script_keys).
+_PRELUDE = """
+local epoch_key, done, running, attempts, failed, floor, fresh, beats, staged = unpack(KEYS)
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # A record may start unless it is done, its epoch is stale, the bridge dispatched a newer copy,
 # or its predecessor (the previous record of its partition or key in the same epoch) has not
 # reached a final state: that last check is what keeps a pipelined lane in order.
 # Codes: 0 fenced, 1 run, 2 done, 3 superseded, 4 wait.
+# A superseded start (3) is also a second copy of an attempt that is running and alive (started
+# or heartbeat within ``live`` ms): a send whose answer was lost and that the bridge sent again
+# must not run twice at once. A copy of a worker that died runs again, and so does dramatiq's
+# retry of a failed try (its retry count "r" is higher).
 _START_FUNCTION = """
-local function start(epoch_key, done, running, attempts, failed, floor, fresh, beats, live,
-                     offset, epoch, entry, attempt, prev)
+local function start(live, offset, epoch, entry, attempt, prev)
   if redis.call('ZSCORE', done, offset) then
     redis.call('RPUSH', fresh, offset)
     return 2
@@ -41,8 +53,7 @@ local function start(epoch_key, done, running, attempts, failed, floor, fresh, b
   if copy and (copy_attempt > tonumber(attempt) or copy_attempt == tonumber(attempt) and copy_retries >= retries) then
     local seen = math.max(tonumber(string.match(copy, '"t": (%d+)') or '0'),
                           tonumber(redis.call('HGET', beats, offset) or '0'))
-    local now = redis.call('TIME')
-    if now[1] * 1000 + math.floor(now[2] / 1000) - seen < tonumber(live) then return 3 end
+    if now_ms() - seen < tonumber(live) then return 3 end
   end
   local p = tonumber(prev)
   if p >= 0 and p >= tonumber(redis.call('GET', floor) or '-1')
@@ -53,22 +64,16 @@ local function start(epoch_key, done, running, attempts, failed, floor, fresh, b
   return 1
 end
 """
-# A superseded start (3) is also a second copy of an attempt that is running and alive (started
-# or heartbeat within ``live`` ms): a send whose answer was lost and that the bridge sent again
-# must not run twice at once. A copy of a worker that died runs again, and so does dramatiq's
-# retry of a failed try (its retry count "r" is higher).
 
-# KEYS: epoch, done, running, attempts, failed, floor, fresh, beats.
 # ARGV: offset, message epoch, running-entry JSON, attempt, predecessor offset (-1: none), live ms.
 _START = (
-    _START_FUNCTION
+    _PRELUDE
+    + _START_FUNCTION
     + """
-return start(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[6],
-             ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return start(ARGV[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 )
 
-# KEYS: done, running, failed, beats, attempts, fresh, epoch, floor, staged.
 # ARGV: offset, outcome ('done' | 'failed' | 'retry'), detail JSON, channel, handoff ('1': take
 # the staged successor), worker, live ms, and optionally the successor parked in the same worker
 # process: its offset, epoch, running-entry JSON, attempt.
@@ -76,42 +81,40 @@ return start(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS
 # successor is started in the same round trip: the parked one ({code}), else the one the bridge
 # staged ({code, message}, skipping staged records that are done already), else nothing ({-1}).
 _FINISH = (
-    _START_FUNCTION
+    _PRELUDE
+    + _START_FUNCTION
     + """
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-if ARGV[2] == 'done' then
-  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('HDEL', KEYS[5], ARGV[1])
-  redis.call('RPUSH', KEYS[6], ARGV[1])
-  redis.call('PUBLISH', ARGV[4], ARGV[1])
-elseif ARGV[2] == 'failed' then
-  if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-    redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
-    redis.call('RPUSH', KEYS[6], 'f' .. ARGV[1])
-    redis.call('PUBLISH', ARGV[4], ARGV[1])
+local offset, outcome, live = ARGV[1], ARGV[2], ARGV[7]
+redis.call('HDEL', running, offset)
+redis.call('HDEL', beats, offset)
+if outcome == 'done' then
+  redis.call('ZADD', done, offset, offset)
+  redis.call('HDEL', failed, offset)
+  redis.call('HDEL', attempts, offset)
+  redis.call('RPUSH', fresh, offset)
+  redis.call('PUBLISH', ARGV[4], offset)
+elseif outcome == 'failed' then
+  if not redis.call('ZSCORE', done, offset) then
+    redis.call('HSETNX', failed, offset, ARGV[3])
+    redis.call('RPUSH', fresh, 'f' .. offset)
+    redis.call('PUBLISH', ARGV[4], offset)
   end
 else
   return {-1}
 end
-local epoch_key, done, running, attempts = KEYS[7], KEYS[1], KEYS[2], KEYS[5]
-local failed, floor, fresh, beats, live = KEYS[3], KEYS[8], KEYS[6], KEYS[4], ARGV[7]
 if #ARGV >= 11 then
-  return {start(epoch_key, done, running, attempts, failed, floor, fresh, beats, live,
-                ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[1])}
+  return {start(live, ARGV[8], ARGV[9], ARGV[10], ARGV[11], offset)}
 end
 if ARGV[5] ~= '1' then return {-1} end
-local prev = ARGV[1]
+local prev = offset
 while true do
-  local staged = redis.call('HGET', KEYS[9], prev)
-  if not staged then return {-1} end
-  redis.call('HDEL', KEYS[9], prev)
-  local o, e, a, body = string.match(staged, '^(%d+)|(%d+)|(%d+)|(.*)$')
-  local now = redis.call('TIME')
-  local ms = math.floor(tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000)
-  local entry = '{"e": ' .. e .. ', "w": ' .. cjson.encode(ARGV[6]) .. ', "t": ' .. ms .. ', "a": ' .. a .. ', "r": 0}'
-  local code = start(epoch_key, done, running, attempts, failed, floor, fresh, beats, live, o, e, entry, a, prev)
+  local queued = redis.call('HGET', staged, prev)
+  if not queued then return {-1} end
+  redis.call('HDEL', staged, prev)
+  local o, e, a, body = string.match(queued, '^(%d+)|(%d+)|(%d+)|(.*)$')
+  local entry = '{"e": ' .. e .. ', "w": ' .. cjson.encode(ARGV[6]) .. ', "t": ' .. now_ms()
+    .. ', "a": ' .. a .. ', "r": 0}'
+  local code = start(live, o, e, entry, a, prev)
   if code ~= 2 then return {code, body} end
   prev = o
 end
@@ -199,19 +202,7 @@ class Ledger:
         bridge dispatched a newer copy of it; ``wait`` while its predecessor ``prev`` runs."""
         entry = _running_entry(epoch, worker, attempt, retries)
         try:
-            code = self._start(
-                keys=[
-                    keys.epoch,
-                    keys.done,
-                    keys.running,
-                    keys.attempts,
-                    keys.failed,
-                    keys.floor,
-                    keys.fresh,
-                    keys.beats,
-                ],
-                args=[offset, epoch, entry, attempt, prev, int(live * 1000)],
-            )
+            code = self._start(keys=_script_keys(keys), args=[offset, epoch, entry, attempt, prev, int(live * 1000)])
         except redis.RedisError as e:
             raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
         return _START_CODES[int(code)]
@@ -241,20 +232,7 @@ class Ledger:
             next_offset, epoch, worker_id, attempt, retries = successor
             args += [next_offset, epoch, _running_entry(epoch, worker_id, attempt, retries), attempt]
         try:
-            reply = self._finish(
-                keys=[
-                    keys.done,
-                    keys.running,
-                    keys.failed,
-                    keys.beats,
-                    keys.attempts,
-                    keys.fresh,
-                    keys.epoch,
-                    keys.floor,
-                    keys.staged,
-                ],
-                args=args,
-            )
+            reply = self._finish(keys=_script_keys(keys), args=args)
         except redis.RedisError as e:
             raise LedgerUnavailable(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
         verdict = _START_CODES.get(int(reply[0]))
@@ -449,6 +427,21 @@ class Ledger:
             self.client.hset(key, mapping=cast(Any, dict(fields)))
         except redis.RedisError as e:
             raise LedgerUnavailable(f"{doing}: {e}") from e
+
+
+def _script_keys(keys: PartitionKeys) -> list[str]:
+    """The keys of the start and finish scripts, in the order of their prelude."""
+    return [
+        keys.epoch,
+        keys.done,
+        keys.running,
+        keys.attempts,
+        keys.failed,
+        keys.floor,
+        keys.fresh,
+        keys.beats,
+        keys.staged,
+    ]
 
 
 def staged_value(offset: int, epoch: int, attempt: int, body: bytes) -> str:

@@ -34,8 +34,8 @@ from .errors import LedgerUnavailable
 from .handlers import handler_for_actor, handlers_by_topic
 from .keys import PartitionKeys
 from .ledger import Ledger, StartResult, connect
+from .parking import Parking
 from .record import ENVELOPE_MARK, open_envelope, prepare
-from .turns import Parking
 
 logger = logging.getLogger("bridge.worker")
 

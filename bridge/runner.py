@@ -410,9 +410,11 @@ class Bridge:
         try:
             self._enqueue(batch)
         except _BatchFailed as e:
+            self.stats.dispatched += e.sent
             for owned, entry, _ in reversed(batch[e.sent :]):
                 owned.state.undispatch(entry)
             raise e.error from None
+        self.stats.dispatched += len(batch)
 
     def _message(self, owned: Owned, entry: Entry, attempt: int) -> dramatiq.Message[Any]:
         meta: dict[str, Any] = {
@@ -452,7 +454,6 @@ class Bridge:
                     owned, entry, _ = part[indexes[e.done]]
                     where = f"{owned.where}@{entry.offset} on lane {owned.lane}"
                     raise _BatchFailed(start, TaskBrokerUnavailable(f"enqueue of {where} failed: {e}")) from e
-            self.stats.dispatched += len(part)
             if self.probe:
                 for owned, entry, attempt in part:
                     self.probe.event(
@@ -529,7 +530,6 @@ class Bridge:
             except _BatchFailed as e:
                 raise e.error from None
             self.stats.redispatched += len(again)
-            self.stats.dispatched -= len(again)
 
     def _apply_backpressure(self) -> None:
         total = sum(o.state.open for o in self.owned.values())

@@ -224,13 +224,7 @@ def test_a_message_for_an_unknown_actor_is_a_final_failure(
 def test_a_message_of_an_older_epoch_does_not_run_and_is_not_done(
     stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
 ) -> None:
-    calls: list[int] = []
-
-    @kafka_handler("orders")
-    @dramatiq.actor
-    def handle(record: Record) -> None:
-        calls.append(record.offset)
-
+    calls, handle = offset_recorder()
     ledger.bump_epochs({keys("orders"): -1})
     ledger.bump_epochs({keys("orders"): -1})
     send(stub_broker, handle, "orders", 1, epoch=1)
@@ -243,13 +237,7 @@ def test_a_message_of_an_older_epoch_does_not_run_and_is_not_done(
 def test_a_record_already_done_does_not_run_again(
     stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
 ) -> None:
-    calls: list[int] = []
-
-    @kafka_handler("orders")
-    @dramatiq.actor
-    def handle(record: Record) -> None:
-        calls.append(record.offset)
-
+    calls, handle = offset_recorder()
     ledger.finish(keys("orders"), 1, "done")
     send(stub_broker, handle, "orders", 1)
     run(stub_broker, worker, ledger, "orders")
@@ -346,17 +334,23 @@ def test_a_pipelined_record_starts_only_after_its_predecessor_finished(
     assert ledger.done_from(keys("orders"), 0) == {5, 6, 7}
 
 
+def offset_recorder(**actor_options: Any) -> tuple[list[int], dramatiq.Actor[Any, Any]]:
+    """A handler of "orders" that records the offsets it runs."""
+    calls: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(**actor_options)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+
+    return calls, handle
+
+
 def one_thread_worker(
     broker: StubBroker, ledger: Ledger, recheck: float | None = None
 ) -> tuple[list[int], dramatiq.Actor[Any, Any], LedgerMiddleware, dramatiq.Worker]:
     """A handler recording offsets, and a started worker with a single thread."""
-    events: list[int] = []
-
-    @kafka_handler("orders")
-    @dramatiq.actor(max_retries=0)
-    def handle(record: Record) -> None:
-        events.append(record.offset)
-
+    events, handle = offset_recorder(max_retries=0)
     middleware = ledger_middleware(broker)
     middleware._ledger = ledger
     if recheck is not None:
