@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -58,17 +58,7 @@ class Target:
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "what": self.what,
-            "value": self.value,
-            "unit": self.unit,
-            "baseline": self.baseline,
-            "ratio": self.ratio,
-            "target": self.target,
-            "met": self.met,
-            "note": self.note,
-        }
+        return asdict(self)
 
 
 def ratio_row(
