@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
@@ -14,6 +16,7 @@ from typing import Any
 
 from .errors import BridgeError, ConfigurationError, FatalError, RecoverableError
 from .handlers import Handler, handlers_by_topic
+from .logs import configure, redactor, secrets_of
 from .settings import Settings, load_settings
 
 #: Exit codes.
@@ -139,9 +142,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _run(settings: Settings, handlers: dict[str, Handler]) -> int:
+    from .endpoints import Endpoints
+    from .health import Thresholds
     from .runner import Bridge
 
     bridge = Bridge(settings, handlers)
+    endpoints = None
+    if settings.http_port:
+        limits = Thresholds(
+            stall_timeout=settings.health_stall_timeout,
+            max_record_age=settings.health_max_record_age,
+            outage_timeout=settings.health_outage_timeout,
+        )
+        endpoints = Endpoints(bridge.metrics, limits, settings.http_host, settings.http_port)
+        endpoints.start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if bridge.stopping:
@@ -152,7 +166,11 @@ def _run(settings: Settings, handlers: dict[str, Handler]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    bridge.run()
+    try:
+        bridge.run()
+    finally:
+        if endpoints is not None:
+            endpoints.close()
     logger.info("stopped")
     return RET_OK
 
@@ -160,7 +178,7 @@ def _run(settings: Settings, handlers: dict[str, Handler]) -> int:
 def _status(settings: Settings, handlers: dict[str, Handler], as_json: bool) -> int:
     from .status import collect, render
 
-    print(render(collect(settings, handlers), as_json))
+    print(redactor(render(collect(settings, handlers), as_json)))
     return RET_OK
 
 
@@ -174,15 +192,28 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     return RET_OK
 
 
+def _early_secrets(args: argparse.Namespace) -> list[str]:
+    """Secrets given on the command line or in the environment, masked even when the settings
+    around them turn out invalid."""
+    kafka: dict[str, str] = {}
+    with contextlib.suppress(ValueError, AttributeError):
+        kafka.update({str(k): str(v) for k, v in json.loads(os.environ.get("BRIDGE_KAFKA") or "{}").items()})
+    with contextlib.suppress(ConfigurationError):
+        kafka.update(_kafka_properties(args.kafka) or {})
+    found = secrets_of(os.environ.get("BRIDGE_REDIS_URL"), kafka)
+    return found + secrets_of(args.redis_url, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("BRIDGE_LOG_LEVEL", "INFO").upper() if args.log_level is None else args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = os.environ.get("BRIDGE_LOG_LEVEL", "INFO").upper() if args.log_level is None else args.log_level
+    log_format = os.environ.get("BRIDGE_LOG_FORMAT", "text").lower()
+    configure(level if level in logging.getLevelNamesMapping() else "INFO", log_format)
+    redactor.add(_early_secrets(args))
     try:
         settings = _settings(args)
-        logging.getLogger().setLevel(settings.log_level)
+        redactor.add(secrets_of(settings.redis_url, settings.kafka))
+        configure(settings.log_level, settings.log_format)
         if args.command == "replay":
             return _replay(settings, args)
         handlers = load_handlers(args.modules, args.path)
@@ -198,3 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FatalError as e:
         logger.error("%s", e)
         return e.exit_code
+    except Exception:
+        # Logged rather than left to the interpreter, so the traceback passes the redaction too.
+        logger.exception("unexpected error")
+        return RET_ERROR

@@ -15,15 +15,40 @@ CodecName = Literal["bytes", "text", "json"]
 CODECS: tuple[CodecName, ...] = ("bytes", "text", "json")
 
 
+#: Deepest nesting of arrays and objects the json codec accepts (``BRIDGE_MAX_JSON_DEPTH``, read
+#: by the worker middleware): deeper documents are refused as undecodable instead of exhausting
+#: the handler's stack later.
+max_json_depth = 128
+
+
 class DecodeError(ValueError):
     """The bytes are not valid for the codec."""
 
 
 def _json(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        value = json.loads(data)
     except (ValueError, RecursionError) as e:
         raise DecodeError(f"not valid JSON: {e}") from None
+    if _deeper_than(value, max_json_depth):
+        raise DecodeError(f"JSON nested deeper than {max_json_depth} levels (BRIDGE_MAX_JSON_DEPTH)")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _text(data: bytes) -> str:

@@ -6,6 +6,7 @@ them in the pass-through, and they are applied last).
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -35,6 +36,8 @@ def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
         # A fetch parked on the broker for librdkafka's default 500 ms measurably delayed other
         # clients' appends on a small broker (a paced producer's append latency: 671 ms -> 1 ms).
         "fetch.wait.max.ms": 100,
+        # librdkafka's own log lines go through the bridge's format and secret masking.
+        "logger": logging.getLogger("bridge.kafka"),
     }
     if settings.group_protocol == "classic":
         config["partition.assignment.strategy"] = "cooperative-sticky"

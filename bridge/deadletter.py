@@ -56,6 +56,8 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "enable.idempotence": True,
             "linger.ms": 5,
             "message.timeout.ms": 30000,
+            # librdkafka's own log lines go through the bridge's format and secret masking.
+            "logger": logging.getLogger("bridge.kafka"),
         }
     )
     return config

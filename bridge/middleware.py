@@ -29,11 +29,13 @@ try:  # the work queue's item type, to put an unparked record ahead of the queue
 except ImportError:  # pragma: no cover - another dramatiq version: its consumer's handle_message
     _WorkQueueItem = None  # type: ignore[assignment,misc]
 
+from . import codecs
 from .codecs import DecodeError
 from .errors import LedgerUnavailable
 from .handlers import handler_for_actor, handlers_by_topic
 from .keys import PartitionKeys
 from .ledger import Ledger, StartResult, connect
+from .logs import coordinates
 from .parking import Parking
 from .record import ENVELOPE_MARK, open_envelope, prepare
 
@@ -42,6 +44,35 @@ logger = logging.getLogger("bridge.worker")
 #: Message option that carries the bridge's coordinates: group, topic, partition, offset, epoch,
 #: and optionally attempt ("a") and the offset of the predecessor that must finish first ("pv").
 OPTION = "kdb"
+
+
+_counter: Any = None
+_counter_lock = threading.Lock()
+
+
+def _failure_counter() -> Any:
+    """The worker's ledger failure counter, or None without prometheus-client.
+
+    Created on first use, after process boot: dramatiq's Prometheus middleware switches
+    prometheus-client to multiprocess mode then, and exports this counter from every worker
+    process on its own port.
+    """
+    global _counter
+    with _counter_lock:
+        if _counter is None:
+            try:
+                from prometheus_client import Counter
+            except ImportError:  # pragma: no cover - a dependency; kept optional for slim fleets
+                return None
+            _counter = Counter(
+                "kafka_dramatiq_bridge_worker_ledger_write_failures",
+                "Ledger calls of a worker that failed: start (the message is retried), finish (the bridge "
+                "dispatches the record again after BRIDGE_REDISPATCH_TIMEOUT), heartbeat.",
+                ["operation"],
+            )
+            for operation in ("start", "finish", "heartbeat"):
+                _counter.labels(operation)
+        return _counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +87,10 @@ class Coordinates:
     @property
     def where(self) -> str:
         return f"{self.keys.topic}[{self.keys.partition}]@{self.offset}"
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return coordinates(self.keys.topic, self.keys.partition, self.offset)
 
 
 def _coordinates(message: Any) -> Coordinates | None:
@@ -114,6 +149,7 @@ class LedgerMiddleware(Middleware):
                     self._heartbeat_interval = settings.heartbeat_interval
                 if self._park_recheck_interval is None:
                     self._park_recheck_interval = settings.park_recheck_interval
+                codecs.max_json_depth = settings.max_json_depth
                 self._ledger = Ledger(connect(url))
             return self._ledger
 
@@ -136,6 +172,7 @@ class LedgerMiddleware(Middleware):
         self._stop.clear()
         self._worker, self._broker, self._stopping = worker, broker, False
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(self._quiet_skips)
+        _failure_counter()  # exported from 0 on, not only after the first failure
         self._declare_lanes(broker)
         self._watcher = threading.Thread(target=self._background, args=(broker,), name="kdb-worker", daemon=True)
         self._watcher.start()
@@ -145,6 +182,13 @@ class LedgerMiddleware(Middleware):
         self._stopping = True
         if self._parking is not None:
             self._parking.close()
+
+    def _ledger_failed(self, operation: str) -> None:
+        with self._lock:
+            self.ledger_write_failures += 1
+        counter = _failure_counter()
+        if counter is not None:
+            counter.labels(operation).inc()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         with self._lock:
@@ -189,6 +233,7 @@ class LedgerMiddleware(Middleware):
         try:
             self.ledger.beat(running)
         except LedgerUnavailable as e:
+            self._ledger_failed("heartbeat")
             logger.warning("heartbeat failed: %s", e)
 
     def _declare_lanes(self, broker: dramatiq.Broker) -> None:
@@ -207,6 +252,13 @@ class LedgerMiddleware(Middleware):
     # -- messages ---------------------------------------------------------------------------
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        try:
+            self._admit(message)
+        except LedgerUnavailable:
+            self._ledger_failed("start")
+            raise
+
+    def _admit(self, message: Any) -> None:
         self._local.ours = None
         if self._released:
             with self._lock:
@@ -239,7 +291,8 @@ class LedgerMiddleware(Middleware):
             # bridge dispatched a newer copy; done: a duplicate delivery of a finished record.
             # Nothing is written either way.
             self._local.ours = message.message_id
-            logger.info("not running %s: %s (epoch %d, attempt %d)", where, verdict, found.epoch, found.attempt)
+            logger.info("not running %s: %s (epoch %d, attempt %d)", where, verdict, found.epoch, found.attempt,
+                        extra=found.extra)
             raise SkipMessage(verdict)
         with self._lock:
             self._running[(keys, offset)] = self._running.get((keys, offset), 0) + 1
@@ -253,7 +306,7 @@ class LedgerMiddleware(Middleware):
             prepare(env, open_envelope(env, handler.key_codec, handler.value_codec))
         except DecodeError as e:
             # Retrying cannot fix undecodable bytes: fail now, never reach the actor.
-            logger.error("undecodable record %s for %s: %s", where, handler.name, e)
+            logger.error("undecodable record %s for %s: %s", where, handler.name, e, extra=found.extra)
             message.options["kdb_error"] = {"type": "DecodeError", "message": str(e)}
             message.fail()
             raise SkipMessage(str(e)) from None
@@ -385,8 +438,9 @@ class LedgerMiddleware(Middleware):
                 live=self._live,
             )
         except LedgerUnavailable as e:
-            self.ledger_write_failures += 1
-            logger.error("ledger write failed (%s), the bridge will dispatch it again: %s", outcome, e)
+            self._ledger_failed("finish")
+            logger.error("%s: ledger write failed (%s), the bridge will dispatch it again: %s", found.where, outcome, e,
+                         extra=found.extra)
             verdict = None
             successor = None
         for parked in claimed:
@@ -413,7 +467,7 @@ class LedgerMiddleware(Middleware):
             found = _coordinates(successor)
             if found is not None:
                 self._forget((found.keys, found.offset))
-                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch)
+                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch, extra=found.extra)
 
 
 def _retries(message: Any) -> int:

@@ -11,6 +11,7 @@ ledger answers again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -40,6 +41,8 @@ from .errors import (
 from .handlers import Handler, run_hooks
 from .keys import PartitionKeys, lane_name, status_key
 from .ledger import Ledger, Progress, connect, staged_value
+from .logs import coordinates
+from .metrics import Metrics, PartitionView, View
 from .middleware import OPTION
 from .partition import Entry, PartitionState
 from .probe import Probe
@@ -122,6 +125,12 @@ class Bridge:
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.owned: dict[TP, Owned] = {}
         self.stats = Stats()
+        self.metrics = Metrics(self.stats)
+        self._joined = False
+        self._last_poll: float | None = None
+        self._next_publish = 0.0
+        self._next_idle_ping = 0.0
+        self._commits_sent: collections.deque[float] = collections.deque()
         self.probe = Probe.from_settings(settings.event_log, settings.crash_at)
         self._consumer_factory = consumer_factory
         self._consumer: Any = None
@@ -167,6 +176,9 @@ class Bridge:
         """
         config = consumer_config(self.settings, on_commit=self._on_commit, error_cb=self._on_error)
         self._cooperative = is_cooperative(config)
+        # Secret values in both are masked by the log output (bridge.logs).
+        logger.debug("settings: %s", self.settings.model_dump(exclude={"kafka"}))
+        logger.debug("consumer configuration: %s", {k: v for k, v in config.items() if isinstance(v, str | int)})
         try:
             self._consumer = self._consumer_factory(config)
         except KafkaException as e:
@@ -227,7 +239,9 @@ class Bridge:
             self._accept(message)
         if self.dead_letters is not None:
             self._acked.extend(self.dead_letters.poll())
-        now = time.monotonic()
+        now = self._last_poll = time.monotonic()
+        if now >= self._next_publish:
+            self._publish(now)
         if self._outage_since is not None and now < self._outage_retry_at:
             return
         try:
@@ -239,6 +253,10 @@ class Bridge:
 
     def _work(self, now: float) -> None:
         """One round of everything that needs the ledger or the task broker."""
+        if not self.owned and now >= self._next_idle_ping:
+            # Nothing owned makes no ledger calls; readiness still has to notice an outage.
+            self._next_idle_ping = now + 1.0
+            self.ledger.ping()
         self._setup_pending(now)
         if now >= self._next_handover_check:
             self._check_handovers(now)
@@ -355,6 +373,7 @@ class Bridge:
 
     def _on_consume_error(self, message: Any, error: KafkaError) -> None:
         where = f"{message.topic()}[{message.partition()}]" if message.topic() else "consumer"
+        extra = coordinates(message.topic(), message.partition(), message.offset()) if message.topic() else None
         if error.code() == KafkaError._AUTO_OFFSET_RESET:
             raise OffsetOutOfRange(
                 f"{where}: the committed offset is out of range ({error.str()}); the bridge does not "
@@ -363,9 +382,9 @@ class Bridge:
         if error.fatal():
             raise KafkaFatalError(f"{where}: fatal Kafka error: {error.str()}")
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-            logger.error("%s: topic does not exist (%s); waiting for it", where, error.str())
+            logger.error("%s: topic does not exist (%s); waiting for it", where, error.str(), extra=extra)
             return
-        logger.warning("%s: %s", where, error.str())
+        logger.warning("%s: %s", where, error.str(), extra=extra)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -410,11 +429,15 @@ class Bridge:
         try:
             self._enqueue(batch)
         except _BatchFailed as e:
-            self.stats.dispatched += e.sent
+            self._count_dispatched(batch[: e.sent])
             for owned, entry, _ in reversed(batch[e.sent :]):
                 owned.state.undispatch(entry)
             raise e.error from None
-        self.stats.dispatched += len(batch)
+        self._count_dispatched(batch)
+
+    def _count_dispatched(self, batch: list[tuple[Owned, Entry, int]]) -> None:
+        for owned, _, _ in batch:
+            self.stats.add("dispatched", owned.topic)
 
     def _message(self, owned: Owned, entry: Entry, attempt: int) -> dramatiq.Message[Any]:
         meta: dict[str, Any] = {
@@ -523,13 +546,14 @@ class Bridge:
                     entry.offset,
                     timeout,
                     attempt,
+                    extra=coordinates(owned.topic, owned.partition, entry.offset),
                 )
                 again.append((owned, entry, attempt))
             try:
                 self._enqueue(again)
             except _BatchFailed as e:
                 raise e.error from None
-            self.stats.redispatched += len(again)
+            self.stats.add("redispatched", owned.topic, len(again))
 
     def _apply_backpressure(self) -> None:
         total = sum(o.state.open for o in self.owned.values())
@@ -556,7 +580,7 @@ class Bridge:
 
     def _apply_progress(self, owned: Owned, progress: Progress, now: float) -> None:
         new = owned.state.mark_done(progress.done)
-        self.stats.done += new
+        self.stats.add("done", owned.topic, new)
         if self.probe and new:
             self.probe.event("done", t=owned.topic, p=owned.partition, offsets=progress.done)
             self.probe.point("after-done")
@@ -579,7 +603,7 @@ class Bridge:
         entry.failure = detail
         owned.failing[entry.offset] = entry
         owned.state.release(entry)
-        self.stats.failed += 1
+        self.stats.add("failed", owned.topic)
         logger.error(
             "%s@%d: %s in %s after %s attempt(s): %s: %s; %s",
             owned.where,
@@ -590,6 +614,7 @@ class Bridge:
             error.get("type"),
             error.get("message"),
             f"writing it to {owned.dead_letter_topic}" if owned.dead_letter_topic else "dead-lettering is off",
+            extra=coordinates(owned.topic, owned.partition, entry.offset),
         )
         if owned.dead_letter_topic is None:
             self._acked.append(Outcome(owned.topic, owned.partition, entry.offset, None))
@@ -638,6 +663,7 @@ class Bridge:
                 owned.dead_letter_topic,
                 outcome.error,
                 delay,
+                extra=coordinates(owned.topic, owned.partition, outcome.offset),
             )
         items = list(settled.items())
         for i, ((topic, partition), offsets) in enumerate(items):
@@ -651,9 +677,9 @@ class Bridge:
             for offset in offsets:
                 del owned.failing[offset]
             new = owned.state.mark_done(offsets)
-            self.stats.done += new
+            self.stats.add("done", owned.topic, new)
             if owned.dead_letter_topic is not None:
-                self.stats.dead_lettered += new
+                self.stats.add("dead_lettered", owned.topic, new)
 
     # -- commits ----------------------------------------------------------------------------
 
@@ -668,13 +694,22 @@ class Bridge:
             owned.requested = target
             offsets.append(TopicPartition(owned.topic, owned.partition, target))
         if offsets:
+            began = time.monotonic()
+            if asynchronous:
+                self._commits_sent.append(began)
             try:
                 result = self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
             except KafkaException as e:
+                if asynchronous:
+                    self._commits_sent.pop()
                 for owned in partitions:
                     owned.requested = owned.confirmed
+                self.stats.commit_failures += 1
                 logger.warning("commit failed, will retry: %s", e)
                 return
+            if not asynchronous:
+                self.metrics.commit_duration.observe(time.monotonic() - began)
+                self.stats.commits += 1
             if self.probe:
                 self.probe.event("commit", offsets=[[tp.topic, tp.partition, tp.offset] for tp in offsets])
                 self.probe.point("after-commit")
@@ -698,13 +733,18 @@ class Bridge:
         return target
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        # Answers to asynchronous commits arrive in the order they were sent.
+        if self._commits_sent:
+            self.metrics.commit_duration.observe(time.monotonic() - self._commits_sent.popleft())
         if error is not None:
+            self.stats.commit_failures += 1
             logger.warning("commit failed, will retry: %s", error.str())
             for tp in partitions:
                 owned = self.owned.get((tp.topic, tp.partition))
                 if owned is not None:
                     owned.requested = owned.confirmed
             return
+        self.stats.commits += 1
         self._confirm(partitions)
 
     def _confirm(self, partitions: list[TopicPartition]) -> None:
@@ -717,7 +757,6 @@ class Bridge:
                 continue
             if owned is not None and tp.offset > owned.confirmed:
                 owned.confirmed = tp.offset
-                self.stats.commits += 1
 
     def _prune(self) -> None:
         due = {o.keys: o.confirmed for o in self.owned.values() if o.confirmed > o.pruned and not o.needs_setup}
@@ -743,6 +782,7 @@ class Bridge:
         raise KafkaUnavailable("cannot read the group's committed offsets for newly assigned partitions")
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._joined = True
         if not partitions:
             (consumer.incremental_assign if self._cooperative else consumer.assign)([])
             return
@@ -800,6 +840,7 @@ class Bridge:
                 owned.where,
                 owned.state.epoch if epochs else "pending",
                 start if start >= 0 else f"{handler.offset_reset} (no committed offset)",
+                extra=coordinates(tp.topic, tp.partition),
             )
         (consumer.incremental_assign if self._cooperative else consumer.assign)(start_list)
         if epochs is None:
@@ -808,7 +849,7 @@ class Bridge:
                 self.owned[(tp.topic, tp.partition)].paused = True
             if self._outage_since is None:
                 self._outage(LedgerUnavailable("ledger unavailable during assignment"), now)
-        self.stats.rebalances += 1
+        self.stats.rebalance("assigned")
         for tp in committed:
             run_hooks("assigned", tp.topic, tp.partition, group)
 
@@ -853,7 +894,7 @@ class Bridge:
                     )
             done = self.ledger.done_from(owned.keys, max(owned.start_offset, 0))
             owned.state.known_done.update(done)
-            self.stats.done += owned.state.mark_done(done)
+            self.stats.add("done", owned.topic, owned.state.mark_done(done))
             owned.handing_over = False
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -878,32 +919,57 @@ class Bridge:
             self._commit(revoked, asynchronous=False)
         for owned in revoked:
             del self.owned[(owned.topic, owned.partition)]
-            logger.info("revoked %s: committed %d", owned.where, owned.confirmed)
+            logger.info("revoked %s: committed %d", owned.where, owned.confirmed,
+                        extra=coordinates(owned.topic, owned.partition))
             if self.probe:
                 self.probe.event("revoked", t=owned.topic, p=owned.partition, committed=owned.confirmed)
-        self.stats.rebalances += 1
+        self.stats.rebalance("revoked")
         for tp in partitions:
             run_hooks("revoked", tp.topic, tp.partition, self.settings.group_id)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             if self.owned.pop((tp.topic, tp.partition), None) is not None:
-                logger.warning("lost %s[%d]: dropped without commit", tp.topic, tp.partition)
+                logger.warning("lost %s[%d]: dropped without commit", tp.topic, tp.partition,
+                               extra=coordinates(tp.topic, tp.partition))
                 if self.probe:
                     self.probe.event("lost", t=tp.topic, p=tp.partition)
             run_hooks("revoked", tp.topic, tp.partition, self.settings.group_id)
-        self.stats.rebalances += 1
+        self.stats.rebalance("lost")
 
     # -- reporting --------------------------------------------------------------------------
 
-    def _lag(self, owned: Owned) -> int | None:
+    def _end(self, owned: Owned) -> int | None:
         try:
             _, high = self._consumer.get_watermark_offsets(owned.tp, cached=True)
         except KafkaException:
             return None
-        if high < 0:
-            return None
-        return max(int(high) - max(owned.confirmed, 0), 0)
+        return int(high) if high >= 0 else None
+
+    def _lag(self, owned: Owned) -> int | None:
+        high = self._end(owned)
+        return None if high is None else max(high - max(owned.confirmed, 0), 0)
+
+    def _publish(self, now: float) -> None:
+        """Hand the metrics and health checks a fresh view of the partitions."""
+        self._next_publish = now + 0.5
+        partitions = []
+        for owned in self.owned.values():
+            oldest = owned.state.oldest_unfinished_dispatch()
+            partitions.append(
+                PartitionView(
+                    topic=owned.topic,
+                    partition=owned.partition,
+                    committed=owned.confirmed if owned.confirmed >= 0 else None,
+                    end=self._end(owned),
+                    in_flight=owned.state.open,
+                    oldest_unfinished_age=now - oldest if oldest else None,
+                    paused=owned.paused,
+                )
+            )
+        self.metrics.publish(
+            View(tuple(partitions), joined=self._joined, outage_since=self._outage_since, last_poll=self._last_poll)
+        )
 
     def _report(self, now: float) -> None:
         lags = [self._lag(o) for o in self.owned.values()]

@@ -33,15 +33,40 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BRIDGE_", extra="ignore")
 
-    #: The ack ledger: a Redis URL (``redis://``, ``rediss://`` or ``unix://``).
-    redis_url: str = "redis://localhost:6379/0"
-    #: Seconds between a worker's looks for new lanes (new partitions, new topics).
-    lane_refresh_interval: float = Field(1.0, gt=0, le=60)
-    #: Seconds between a worker's heartbeats for the records it is running.
-    heartbeat_interval: float = Field(5.0, gt=0, le=600)
-    #: Seconds between a worker's looks at the ledger for a record parked until the previous
-    #: record of its partition (key) finishes; a finish normally wakes it at once.
-    park_recheck_interval: float = Field(1.0, gt=0, le=60)
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description=(
+            "The ack ledger (`redis://`, `rediss://` or `unix://`). Bridges and workers of one group must use"
+            " the same one."
+        ),
+    )
+    lane_refresh_interval: float = Field(
+        1.0, gt=0, le=60,
+        description="Seconds between a worker's looks for new lanes (new partitions, new topics).",
+    )
+    heartbeat_interval: float = Field(
+        5.0, gt=0, le=600,
+        description=(
+            "Seconds between a worker's heartbeats for the records it is running; they keep a long handler "
+            "from being dispatched again."
+        ),
+    )
+    park_recheck_interval: float = Field(
+        1.0, gt=0, le=60,
+        description=(
+            "A worker parks a record whose predecessor in its partition (key) has not finished, and runs it "
+            "as soon as that one finishes; this is how often it looks at the ledger should that news be "
+            "missed. See [ordered lanes](concepts.md#ordered-lanes)."
+        ),
+    )
+
+    max_json_depth: int = Field(
+        128, ge=1, le=10_000,
+        description=(
+            "Deepest nesting of arrays and objects the `json` codec accepts; a deeper key or value fails as"
+            " undecodable (dead-lettered with reason `undecodable`) before the handler runs."
+        ),
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -54,58 +79,187 @@ class WorkerSettings(BaseSettings):
 class Settings(WorkerSettings):
     """Settings of the bridge process."""
 
-    #: Kafka bootstrap servers, comma separated.
-    bootstrap_servers: str = "localhost:9092"
-    #: Kafka consumer group; bridge replicas with the same group split the partitions.
-    group_id: str = Field("kafka-dramatiq-bridge", min_length=1)
-    #: Consumer group protocol: ``classic`` (cooperative-sticky assignor) or ``consumer`` (KIP-848).
-    group_protocol: Literal["classic", "consumer"] = "classic"
-    #: ``read_committed`` hides records of aborted transactions from handlers.
-    isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
-    #: Extra librdkafka properties (security, SASL, SSL, timeouts), passed to the consumer.
-    kafka: dict[str, str] = Field(default_factory=dict)
-    #: Records of one partition held by the bridge and not yet done (a handler's window option wins).
-    window: int = Field(1000, ge=1, le=1_000_000)
-    #: Records held and not yet done over all partitions; beyond it partitions are paused.
-    max_in_flight: int = Field(20_000, ge=1, le=10_000_000)
-    #: Ordered modes: records of one partition (one key) on its lane at once. Workers still run
-    #: them one at a time and in order; the ones behind wait their turn, so the next record
-    #: starts as soon as the previous one finishes (1: dispatch each only after the previous).
-    lane_depth: int = Field(32, ge=1, le=100_000)
-    #: Seconds between offset commits (also when idle).
-    commit_interval: float = Field(1.0, gt=0, le=300)
-    #: Seconds a revoked partition's dispatched records get to finish before its final commit.
-    drain_timeout: float = Field(20.0, ge=0, le=600)
-    #: Seconds a new owner waits for records of an older assignment still running (ordered modes).
-    handover_timeout: float = Field(30.0, ge=0, le=3600)
-    #: Seconds a graceful stop waits for dispatched records to finish.
-    shutdown_timeout: float = Field(30.0, ge=0, le=3600)
-    #: Seconds between one-line progress summaries in the log (0 turns them off).
-    progress_interval: float = Field(10.0, ge=0, le=3600)
-    #: Seconds a dispatched record may show no sign of life (no start, no worker heartbeat)
-    #: before it is dispatched again; covers messages lost in the task broker.
-    redispatch_timeout: float = Field(120.0, gt=0, le=86400)
-    #: Largest record (key + value + headers, in bytes) sent to the task broker; larger records
-    #: go to the dead-letter topic.
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
-    #: Create missing dead-letter topics at start (one partition, the broker's replication).
-    create_dead_letter_topics: bool = True
-    #: Start even when a handler topic does not exist yet, and wait for it.
-    wait_for_topics: bool = False
-    #: Most records taken from the consumer in one poll.
-    poll_batch: int = Field(500, ge=1, le=100_000)
-    #: Most messages put on lanes in one round trip to the task broker (Redis broker only).
-    enqueue_batch: int = Field(500, ge=1, le=100_000)
-    #: Testing only: append a JSON line per assignment, dispatch, done fact and commit to this file.
-    event_log: str | None = None
-    #: Testing only: exit abruptly at the Nth passage of a crash point ("after-enqueue:500";
-    #: points: after-enqueue, after-done, after-commit, in-revoke).
-    crash_at: str | None = None
-    #: Testing only, UNSAFE: commit offsets as soon as records are dispatched (the mistake the
-    #: bridge exists to avoid), to prove the reliability suite detects loss.
-    unsafe_commit_at_dispatch: bool = False
-    #: Log level of the bridge process.
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    bootstrap_servers: str = Field(
+        "localhost:9092",
+        description="Kafka bootstrap servers, comma separated.",
+    )
+    group_id: str = Field(
+        "kafka-dramatiq-bridge", min_length=1,
+        description=(
+            "Consumer group. Bridge replicas with the same group split the partitions; it also names the "
+            "lanes and the ledger keys."
+        ),
+    )
+    group_protocol: Literal["classic", "consumer"] = Field(
+        "classic",
+        description="`classic` (cooperative-sticky assignor) or `consumer` (KIP-848, Kafka 4).",
+    )
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description=(
+            "`read_committed` hides records of aborted transactions from handlers; `read_uncommitted` does "
+            "not."
+        ),
+    )
+    kafka: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Any other librdkafka consumer property, as a JSON object (`{\"security.protocol\": \"SASL_SSL\"}`): "
+            "security, SASL, SSL, timeouts."
+        ),
+    )
+    window: int = Field(
+        1000, ge=1, le=1_000_000,
+        description=(
+            "Records of one partition held by the bridge and not yet done; at the window the partition is "
+            "paused. A handler's `window` option wins."
+        ),
+    )
+    max_in_flight: int = Field(
+        20_000, ge=1, le=10_000_000,
+        description="Records held and not yet done over all partitions; beyond it every partition is paused.",
+    )
+    lane_depth: int = Field(
+        32, ge=1, le=100_000,
+        description=(
+            "`partition` and `key` modes: records of one partition (one key) dispatched at once. They still "
+            "run one at a time and in offset order; with the Redis broker the ones behind the first are "
+            "staged in the ledger, and the worker that finishes a record starts the next at once (see "
+            "[ordered lanes](concepts.md#ordered-lanes)). `1` dispatches each record only after the previous "
+            "one is done."
+        ),
+    )
+    commit_interval: float = Field(
+        1.0, gt=0, le=300,
+        description="Seconds between offset commits (also when idle).",
+    )
+    drain_timeout: float = Field(
+        20.0, ge=0, le=600,
+        description=(
+            "Seconds a revoked partition's dispatched records get to finish before its final commit. Must "
+            "stay below `max.poll.interval.ms` (60 s by default)."
+        ),
+    )
+    handover_timeout: float = Field(
+        30.0, ge=0, le=3600,
+        description=(
+            "Seconds a new owner waits for records of an older assignment that are still running (ordered "
+            "modes)."
+        ),
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, le=3600,
+        description="Seconds a graceful stop waits for dispatched records to finish.",
+    )
+    progress_interval: float = Field(
+        10.0, ge=0, le=3600,
+        description="Seconds between one-line progress summaries in the log; `0` turns them off.",
+    )
+    redispatch_timeout: float = Field(
+        120.0, gt=0, le=86400,
+        description=(
+            "Seconds a dispatched record may show no sign of life (no start, no heartbeat) before it is "
+            "dispatched again: its message was lost in the task broker (purged queue, broker restarted "
+            "without persistence) or its worker died. Set it above the longest time a message waits in its "
+            "lane."
+        ),
+    )
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024,
+        description=(
+            "Largest record (key + value + headers) sent to the task broker; a larger one goes to the "
+            "dead-letter topic with reason `too-large`."
+        ),
+    )
+    create_dead_letter_topics: bool = Field(
+        True,
+        description="Create missing dead-letter topics at start (one partition, the broker's default replication).",
+    )
+    wait_for_topics: bool = Field(
+        False,
+        description=(
+            "Start even when a handler's topic does not exist, and wait for it. By default a missing topic "
+            "stops the bridge at start with an error naming it."
+        ),
+    )
+    poll_batch: int = Field(
+        500, ge=1, le=100_000,
+        description="Most records taken from the consumer in one poll.",
+    )
+    enqueue_batch: int = Field(
+        500, ge=1, le=100_000,
+        description=(
+            "Most messages put on lanes in one round trip to Redis (dramatiq's Redis broker; other brokers "
+            "get one `enqueue` per message)."
+        ),
+    )
+    http_host: str = Field(
+        "0.0.0.0",
+        description=(
+            "Address the HTTP server listens on (`/metrics`, `/livez`, `/readyz`; see "
+            "[operations](operations.md#metrics))."
+        ),
+    )
+    http_port: int = Field(
+        9400, ge=0, le=65535,
+        description=(
+            "Port of that server; `0` turns it off. A port already in use stops the bridge at start (exit "
+            "code 2)."
+        ),
+    )
+    health_stall_timeout: float = Field(
+        60.0, gt=0, le=3600,
+        description=(
+            "`/livez` answers 503 when the main loop has not polled Kafka for this many seconds, so an "
+            "orchestrator restarts the bridge."
+        ),
+    )
+    health_max_record_age: float = Field(
+        0.0, ge=0, le=7 * 86400,
+        description=(
+            "`/livez` answers 503 when a dispatched record has been unfinished for this many seconds; `0` "
+            "turns the check off. Set it above the longest handler run plus the longest wait on a lane."
+        ),
+    )
+    health_outage_timeout: float = Field(
+        10.0, ge=0, le=3600,
+        description=(
+            "`/readyz` answers 503 when the ledger (Redis) or the task broker has not answered for this many "
+            "seconds."
+        ),
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "`text` for people; `json` for one JSON object per line (`ts`, `level`, `logger`, `message`, "
+            "`pid`, and `topic`, `partition`, `offset` on record-level lines). Secrets are masked in both."
+        ),
+    )
+    event_log: str | None = Field(
+        None,
+        description="Append one JSON line per assignment, revoke, loss, dispatch, done fact and commit to this file.",
+        json_schema_extra={"group": "testing"},
+    )
+    crash_at: str | None = Field(
+        None,
+        description=(
+            "`POINT[:N]`: exit abruptly (code 86) at the Nth passage of a crash point: `after-enqueue`, "
+            "`after-done`, `after-commit`, `in-revoke`."
+        ),
+        json_schema_extra={"group": "testing"},
+    )
+    unsafe_commit_at_dispatch: bool = Field(
+        False,
+        description=(
+            "UNSAFE: commit offsets as soon as records are dispatched, the mistake the bridge exists to "
+            "avoid; the suite's negative control uses it to prove that it detects loss."
+        ),
+        json_schema_extra={"group": "testing"},
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="`DEBUG`, `INFO`, `WARNING` or `ERROR`.",
+    )
 
     @field_validator("kafka", mode="before")
     @classmethod

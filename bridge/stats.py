@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+#: Record counters kept per topic as well as in total (the metrics export them per topic).
+Counted = Literal["dispatched", "done", "failed", "dead_lettered", "redispatched"]
 
 
 @dataclass(slots=True)
@@ -14,8 +18,23 @@ class Stats:
     dead_lettered: int = 0
     redispatched: int = 0
     commits: int = 0
+    commit_failures: int = 0
     rebalances: int = 0
+    #: (counter, topic) -> count. Only the main loop writes; readers take ``.copy()``.
+    by_topic: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: "assigned" | "revoked" | "lost" -> count.
+    rebalance_events: dict[str, int] = field(default_factory=dict)
     _last: tuple[float, int, int] | None = field(default=None, repr=False)
+
+    def add(self, counter: Counted, topic: str, n: int = 1) -> None:
+        if n:
+            setattr(self, counter, getattr(self, counter) + n)
+            key = (counter, topic)
+            self.by_topic[key] = self.by_topic.get(key, 0) + n
+
+    def rebalance(self, event: Literal["assigned", "revoked", "lost"]) -> None:
+        self.rebalances += 1
+        self.rebalance_events[event] = self.rebalance_events.get(event, 0) + 1
 
     def mark(self, now: float) -> None:
         """Start the rate window of the next summary."""

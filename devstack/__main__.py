@@ -71,6 +71,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from devstack.reference import main as config_reference  # imports the bridge package
+
+    return config_reference(args.write)
+
+
 def _address(service: KafkaServer | RedisServer) -> str:
     try:
         return service.bootstrap_servers if isinstance(service, KafkaServer) else service.url
@@ -96,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--data", type=Path, default=default_data_dir(), help=data_help)
     down.add_argument("--timeout", type=float, default=30, help="seconds before SIGKILL")
     down.set_defaults(func=_cmd_down)
+
+    reference = sub.add_parser("config-reference", help="print docs/configuration.md with its settings tables "
+                               "generated from the settings model")
+    reference.add_argument("--write", action="store_true", help="rewrite docs/configuration.md in place")
+    reference.set_defaults(func=_cmd_config_reference)
 
     status = sub.add_parser("status", help="show whether `up` services are running")
     status.add_argument("--data", type=Path, default=default_data_dir(), help=data_help)

@@ -29,7 +29,8 @@ class BridgeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BridgeProcess:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # The HTTP server is off unless a test asks for it: many bridges share this machine.
+        env = {**os.environ, "BRIDGE_HTTP_PORT": "0", **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

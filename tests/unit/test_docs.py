@@ -1,4 +1,4 @@
-"""The configuration reference names every setting of the settings model."""
+"""The configuration reference is generated from the settings model and kept in sync."""
 
 from __future__ import annotations
 
@@ -20,3 +20,14 @@ def test_the_reference_documents_no_setting_that_does_not_exist() -> None:
 
     documented = set(re.findall(r"\| `BRIDGE_([A-Z_]+)`", DOC.read_text()))
     assert documented == {name.upper() for name in Settings.model_fields}
+
+
+def test_the_generated_tables_match_the_settings_model() -> None:
+    from devstack.reference import render
+
+    text = DOC.read_text()
+    assert render(text) == text, "run: python -m devstack config-reference --write"
+
+
+def test_every_setting_has_a_description() -> None:
+    assert [name for name, field in Settings.model_fields.items() if not field.description] == []

@@ -402,3 +402,29 @@ def test_a_shutdown_puts_parked_records_back_on_their_lane(stub_broker: StubBrok
     worker.stop()
     lane = stub_broker.queues[lane_name(GROUP, "orders", 0)]
     assert lane.qsize() == 1 and events == [], "the parked record is back on its lane, not run"
+
+
+def test_a_failed_ledger_write_is_counted_for_the_workers_metrics(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from bridge.errors import LedgerUnavailable
+
+    @kafka_handler("metered")
+    @dramatiq.actor
+    def handle(record: Record) -> None:
+        pass
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise LedgerUnavailable("ledger down")
+
+    name = "kafka_dramatiq_bridge_worker_ledger_write_failures_total"
+    before = REGISTRY.get_sample_value(name, {"operation": "finish"}) or 0.0
+    monkeypatch.setattr(ledger, "finish", unavailable)
+    send(stub_broker, handle, "metered", 3)
+    run(stub_broker, worker, ledger, "metered")
+    assert REGISTRY.get_sample_value(name, {"operation": "finish"}) == before + 1
+    assert REGISTRY.get_sample_value(name, {"operation": "start"}) is not None, "exported from 0 on"
+    assert ledger_middleware(stub_broker).ledger_write_failures == 1
+    assert ledger.done_from(keys("metered"), 0) == set(), "nothing recorded: the bridge dispatches it again"
