@@ -2,7 +2,9 @@
 
 Workers run it with the stock CLI (``dramatiq tasks``), the bridge with
 ``kafka-dramatiq-bridge run tasks``. Both read ``BRIDGE_REDIS_URL`` (the ack ledger); the task
-broker here uses ``DRAMATIQ_REDIS_URL``, falling back to the same server.
+broker here uses ``DRAMATIQ_REDIS_URL``, falling back to the same server. With
+``TASKS_PROMETHEUS=1`` the workers also export dramatiq's Prometheus metrics (and the bridge
+middleware's worker counters) on ``dramatiq_prom_port``.
 """
 
 import os
@@ -11,6 +13,12 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 broker = RedisBroker(url=os.environ.get("DRAMATIQ_REDIS_URL") or os.environ.get("BRIDGE_REDIS_URL"))
+if os.environ.get("TASKS_PROMETHEUS") == "1":
+    # Opt-in: the exposition server listens on one fixed port (dramatiq_prom_port, 9191), so two
+    # worker fleets on one machine (the local demo, the tests) would fight over it.
+    from dramatiq.middleware.prometheus import Prometheus
+
+    broker.add_middleware(Prometheus())
 dramatiq.set_broker(broker)
 
 from . import audit, orders, payments  # noqa: E402  (actors need the broker set first)

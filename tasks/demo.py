@@ -16,21 +16,12 @@ import time
 from pathlib import Path
 
 import redis
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from devstack import DramatiqWorkers, KafkaServer, RedisServer
 from devstack.paths import cache_dir
+from tasks.topics import create_topics
 
-TOPICS = {"orders": 6, "payments": 3, "audit-events": 3}
 REPO = Path(__file__).resolve().parent.parent
-
-
-def create_topics(bootstrap: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = admin.list_topics(timeout=30).topics
-    wanted = [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in TOPICS.items() if t not in existing]
-    for future in admin.create_topics(wanted).values() if wanted else []:
-        future.result(30)
 
 
 def main() -> int:

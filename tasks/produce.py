@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import time
 
 from confluent_kafka import Producer
@@ -30,12 +31,18 @@ def sample(i: int, rng: random.Random) -> tuple[str, str, bytes]:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--count", type=int, default=3000, help="records to produce (0: until interrupted)")
-    parser.add_argument("--rate", type=float, default=300.0, help="records per second")
-    parser.add_argument("--bootstrap-servers", default=os.environ.get("BRIDGE_BOOTSTRAP_SERVERS", "localhost:9092"))
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(description=__doc__)
+    result.add_argument("--count", type=int, default=3000, help="records to produce (0: until interrupted)")
+    result.add_argument("--rate", type=float, default=300.0, help="records per second")
+    result.add_argument("--bootstrap-servers", default=os.environ.get("BRIDGE_BOOTSTRAP_SERVERS", "localhost:9092"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    # `docker stop` sends SIGTERM: stop like on Ctrl-C, flushing what was produced.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     producer = Producer(
         {"bootstrap.servers": args.bootstrap_servers, "acks": "all", "enable.idempotence": True, "linger.ms": 5}
     )
