@@ -1,4 +1,4 @@
-"""Real services for tests, benchmarks and local runs: Kafka, Redis and dramatiq workers.
+"""Real services for tests, benchmarks and local runs: Kafka, Redis, RabbitMQ and dramatiq workers.
 
 Every process is started by this package, bound to 127.0.0.1, and signalled only
 through the pid it was started with.
@@ -9,6 +9,7 @@ from devstack.kafka_artifacts import KAFKA_VERSION, fetch_kafka
 from devstack.paths import cache_dir
 from devstack.ports import free_port, free_ports
 from devstack.process import ServiceError
+from devstack.rabbitmq import RabbitServer
 from devstack.redis import RedisServer
 from devstack.workers import DramatiqWorkers
 
@@ -16,6 +17,7 @@ __all__ = [
     "KAFKA_VERSION",
     "DramatiqWorkers",
     "KafkaServer",
+    "RabbitServer",
     "RedisServer",
     "ServiceError",
     "build_class_archive",

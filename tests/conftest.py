@@ -16,13 +16,21 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from devstack import KafkaServer, RedisServer, ServiceError
+from devstack import KafkaServer, RabbitServer, RedisServer, ServiceError
 from tests.support.kafka import create_topic, delete_topics, unique_name
 from tests.support.pipeline import Pipeline
-from tests.support.services import ExternalKafka, ExternalRedis, KafkaEndpoint, RedisEndpoint
+from tests.support.services import (
+    ExternalKafka,
+    ExternalRabbit,
+    ExternalRedis,
+    KafkaEndpoint,
+    RabbitEndpoint,
+    RedisEndpoint,
+)
 
 BOOTSTRAP_ENV = "BRIDGE_TEST_BOOTSTRAP_SERVERS"
 REDIS_URL_ENV = "BRIDGE_TEST_REDIS_URL"
+RABBITMQ_URL_ENV = "BRIDGE_TEST_RABBITMQ_URL"
 
 _startup_report: list[str] = []
 
@@ -86,6 +94,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisEndp
         server.stop()
         pytest.fail(f"could not start redis-server (set {REDIS_URL_ENV} to use your own):\n{exc}", pytrace=False)
     _note(f"redis: started at {server.url} in {seconds:.2f}s (data in {server.data_dir})")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitEndpoint]:
+    """A running RabbitMQ: ``BRIDGE_TEST_RABBITMQ_URL`` if set, else a fresh rabbitmq-server node
+    (started on first use: only the RabbitMQ fleet tests need it)."""
+    external = os.environ.get(RABBITMQ_URL_ENV)
+    if external:
+        _note(f"rabbitmq: using {external} from {RABBITMQ_URL_ENV}")
+        yield ExternalRabbit(external)
+        return
+    server = RabbitServer(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        seconds = server.start(timeout=120)
+    except ServiceError as exc:
+        server.stop()
+        pytest.fail(f"could not start rabbitmq-server (set {RABBITMQ_URL_ENV} to use your own):\n{exc}",
+                    pytrace=False)
+    _note(f"rabbitmq: started at {server.url} in {seconds:.1f}s (data in {server.data_dir})")
     try:
         yield server
     finally:

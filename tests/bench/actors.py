@@ -5,6 +5,7 @@
                       naive loop), so those processes run plain dramatiq without the bridge
   KDB_BENCH_ORDERING  partition | key | none (default none)
   KDB_BENCH_SLEEP_MS  milliseconds the handler sleeps per record (default 0)
+  KDB_BENCH_RABBITMQ_URL  the task broker is RabbitMQ at this URL (the ledger stays in Redis)
   KDB_BENCH_LATENCY   Redis list receiving "<record timestamp ms> <produce->handler start ms>" per
                       record; unset (throughput scenarios): no per-record Redis write at all
 
@@ -32,7 +33,13 @@ TALLY_KEY = "bench:tally"
 PLAIN_QUEUE = "bench"
 
 URL = os.environ["BRIDGE_REDIS_URL"]
-broker = RedisBroker(url=URL)  # type: ignore[no-untyped-call]
+broker: dramatiq.Broker
+if os.environ.get("KDB_BENCH_RABBITMQ_URL"):
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=os.environ["KDB_BENCH_RABBITMQ_URL"])  # type: ignore[no-untyped-call]
+else:
+    broker = RedisBroker(url=URL)  # type: ignore[no-untyped-call]
 dramatiq.set_broker(broker)
 
 TOPIC = os.environ.get("KDB_BENCH_TOPIC", "")

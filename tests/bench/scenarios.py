@@ -43,7 +43,7 @@ TALLY_KEY = "bench:tally"
 LATENCY_KEY = "bench:latency"
 
 #: Scenario names for ``--only``, in the order they run; aliases name what a scenario includes.
-SCENARIOS = ("raw", "t1", "t2", "t3", "t4", "t5", "t6")
+SCENARIOS = ("raw", "t1", "t2", "t3", "t4", "t5", "t6", "rabbitmq")
 ALIASES = {"naive": "t1", "stock": "t2", "t7": "t2"}
 
 
@@ -582,10 +582,11 @@ class Bench:
                 _add(p50, result, "p50_ms")
                 _add(p99, result, "p99_ms")
 
-    def _latency_once(self, run: Run, ordering: str) -> dict[str, Any]:
+    def _latency_once(self, run: Run, ordering: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
         topic = self.topic(run, "t5")
         group = unique("t5")
-        env = self.env(group, topic, ordering, KDB_BENCH_LATENCY=LATENCY_KEY)
+        self.services.redis.delete(LATENCY_KEY)
+        env = self.env(group, topic, ordering, KDB_BENCH_LATENCY=LATENCY_KEY, **(extra_env or {}))
         count = int(self.p.t5_rate * self.p.t5_seconds)
         keys = self.p.t5_keys
         with self.workers(run, env) as workers, self.services.bridge(env, run.dir) as bridge:
@@ -657,6 +658,37 @@ class Bench:
                 f"stopped; they count as {floor_ms:,.0f} ms (a lower bound) in the percentiles"
             )
         return result
+
+    # -- RabbitMQ fleets: T3 and T5 with the lanes on RabbitMQ -----------------------------------
+
+    def rabbitmq(self) -> None:
+        rabbit = {"KDB_BENCH_RABBITMQ_URL": self.services.rabbitmq_url}
+        n, sleep = self.p.t3_records, self.p.handler_sleep_ms
+        m = self.measurement(
+            "t3-partition-rabbitmq", f"RabbitMQ lanes: partition mode, {sleep:g} ms handler, {n:,} records: "
+            "records/s per partition, first handler start -> last handler end", "records/s per partition")
+        for i in range(self.p.repeat):
+            result = self.attempt(
+                f"T3 partition, RabbitMQ {i + 1}/{self.p.repeat}",
+                lambda run: self._pipeline_once(run, "t3r", n, ordering="partition", sleep_ms=sleep,
+                                                extra_env=rabbit),
+            )
+            if result is not None:
+                _add(m, result, "per_partition_rate")
+        for ordering in ("none", "key", "partition"):
+            p50 = self.measurement(
+                f"t5-{ordering}-rabbitmq-p50",
+                f"RabbitMQ lanes, {ordering} mode: produce -> handler start, p50, at {self.p.t5_rate:g} records/s",
+                "ms",
+            )
+            p99 = self.measurement(f"t5-{ordering}-rabbitmq-p99", f"RabbitMQ lanes, {ordering} mode: p99", "ms")
+            result = self.attempt(
+                f"T5 {ordering}, RabbitMQ",
+                functools.partial(self._latency_once, ordering=ordering, extra_env=rabbit),
+            )
+            if result is not None:
+                _add(p50, result, "p50_ms")
+                _add(p99, result, "p99_ms")
 
     # -- T6: memory -------------------------------------------------------------------------
 
@@ -773,6 +805,16 @@ class Bench:
                         f"T5-{ordering}-p{p}", f"{ordering} mode, produce -> handler start p{p}", measurement,
                         at_most=limit, note="lower bound: records were still unhandled when the wait ended"
                         if bound else ""))
+        if have("t3-partition-rabbitmq"):
+            rows.append(bound_row(
+                "T3-rabbitmq", "the same with the lanes on RabbitMQ (records behind the first park in the worker)",
+                m["t3-partition-rabbitmq"], at_least=140, reference=1000 / self.p.handler_sleep_ms))
+        for ordering in ("none", "key", "partition"):
+            if have(f"t5-{ordering}-rabbitmq-p50"):
+                for p, limit in ((50, 20), (99, 100)):
+                    rows.append(bound_row(
+                        f"T5-{ordering}-rabbitmq-p{p}", f"RabbitMQ lanes, {ordering} mode, produce -> handler start "
+                        f"p{p}", m[f"t5-{ordering}-rabbitmq-p{p}"], at_most=limit))
         if have("t6-bridge-peak-rss"):
             capped = [r for r in m["t6-bridge-peak-rss"].runs if "capped_after_s" in r]
             span = f"whole {self.p.t6_records:,}-record backlog"

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from devstack import DramatiqWorkers, KafkaServer, RedisServer, ServiceError
+from devstack import DramatiqWorkers, KafkaServer, RabbitServer, RedisServer, ServiceError
 from devstack.process import tail
 from tests.support.bridge_proc import REPO, BridgeProcess
 
@@ -54,6 +54,7 @@ class Services:
         self.tmp = Path(tempfile.mkdtemp(prefix="kdb-bench-"))
         self.kafka = KafkaServer(self.tmp / "kafka")
         self.redis_server = RedisServer(self.tmp / "redis")
+        self.rabbitmq_server = RabbitServer(self.tmp / "rabbitmq")
         self._admin: AdminClient | None = None
         self._redis: redis.Redis | None = None
         self._run = 0
@@ -82,6 +83,16 @@ class Services:
         # Dropping the admin client closes it; alive, it would log every reconnect while Kafka stops.
         self._admin = None
         self._stack.close()
+
+    @property
+    def rabbitmq_url(self) -> str:
+        """RabbitMQ for the scenarios that put lanes on it, started on first use."""
+        if not self.rabbitmq_server.running:
+            self._log(f"starting rabbitmq-server in {self.rabbitmq_server.data_dir}")
+            seconds = self.rabbitmq_server.start()
+            self._stack.callback(self.rabbitmq_server.stop)
+            self._log(f"RabbitMQ {self.rabbitmq_server.url} ready in {seconds:.1f}s")
+        return self.rabbitmq_server.url
 
     def _warm_up(self) -> None:
         """Create Kafka's internal state (offsets topic, producer ids) before anything is timed.

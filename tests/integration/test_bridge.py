@@ -21,6 +21,19 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
+#: Rebalance tests run with both consumer group protocols: the classic one (cooperative-sticky
+#: assignor) and KIP-848's, where the broker computes assignments.
+PROTOCOLS = pytest.mark.parametrize("protocol", ["classic", "consumer"])
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def fleet(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The workers' task broker: Redis, or RabbitMQ (dramatiq's default broker, push-based, where
+    records behind an unfinished one park in the worker instead of being staged)."""
+    if request.param == "rabbitmq":
+        return {"KDB_TEST_RABBITMQ_URL": request.getfixturevalue("rabbitmq").url}
+    return {}
+
 
 def wait_committed_to_end(pipeline: Pipeline, timeout: float = 180) -> dict[tuple[str, int], int]:
     ends = pipeline.ends()
@@ -30,10 +43,11 @@ def wait_committed_to_end(pipeline: Pipeline, timeout: float = 180) -> dict[tupl
 
 
 def test_partition_mode_processes_every_record_once_in_order_and_commits_to_the_end(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    fleet: dict[str, str],
 ) -> None:
     topic = topic_factory(6)
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition")
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", **fleet)
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 20_000)
     pipeline.start_workers(processes=2, threads=8)
     started = time.monotonic()
@@ -48,7 +62,8 @@ def test_partition_mode_processes_every_record_once_in_order_and_commits_to_the_
     for (t, p), end in ends.items():
         assert report.processed[(t, p)] == set(range(end))
     assert sum(ends.values()) == 20_000
-    print(f"partition mode: 20000 records in {elapsed:.1f}s = {20_000 / elapsed:.0f} records/s")
+    broker = "rabbitmq" if fleet else "redis"
+    print(f"partition mode, {broker}: 20000 records in {elapsed:.1f}s = {20_000 / elapsed:.0f} records/s")
 
 
 def run_to_end(pipeline: Pipeline, redis_client: redis.Redis, scope: str) -> Any:
@@ -65,10 +80,11 @@ def assert_complete(report: Any, ends: dict[tuple[str, int], int]) -> None:
 
 
 def test_key_mode_keeps_order_and_exclusivity_per_key(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    fleet: dict[str, str],
 ) -> None:
     topic = topic_factory(6)
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="key", KDB_TEST_SLEEP_MS="0-5")
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="key", KDB_TEST_SLEEP_MS="0-5", **fleet)
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 4000)
     pipeline.start_workers(processes=2, threads=8)
     pipeline.start_bridge()
@@ -80,10 +96,11 @@ def test_key_mode_keeps_order_and_exclusivity_per_key(
 
 
 def test_none_mode_processes_everything_and_commits_to_the_end(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    fleet: dict[str, str],
 ) -> None:
     topic = topic_factory(6)
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="none")
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="none", **fleet)
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 20_000)
     pipeline.start_workers(processes=2, threads=8)
     started = time.monotonic()
@@ -102,7 +119,8 @@ def test_none_mode_processes_everything_and_commits_to_the_end(
     committed = pipeline.committed()
     assert {(r["topic"], r["partition"]): r["committed"] for r in status} == committed
     assert all(r["lag"] == 0 and r["in_flight"] == 0 for r in status)
-    print(f"none mode: 20000 records in {elapsed:.1f}s = {20_000 / elapsed:.0f} records/s")
+    broker = "rabbitmq" if fleet else "redis"
+    print(f"none mode, {broker}: 20000 records in {elapsed:.1f}s = {20_000 / elapsed:.0f} records/s")
 
 
 def test_a_graceful_stop_and_restart_loses_nothing_and_repeats_nothing(
@@ -125,17 +143,22 @@ def test_a_graceful_stop_and_restart_loses_nothing_and_repeats_nothing(
     assert_complete(report, pipeline.ends())
 
 
+@PROTOCOLS
 def test_a_second_bridge_joining_and_leaving_moves_partitions_without_loss_or_duplicates(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    protocol: str,
 ) -> None:
     topic = topic_factory(6)
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="2")
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="2",
+                                BRIDGE_GROUP_PROTOCOL=protocol)
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 4000)
     pipeline.start_workers(processes=2, threads=8)
     first = pipeline.start_bridge()
     wait_until(lambda: redis_client.llen("kdb-test:events") > 400, 120, message="no progress")
     second = pipeline.start_bridge()
     second.wait_log("assigned", timeout=60)
+    # More records after the join, so both owners have work whatever the first one finished.
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 2000)
     moved_at = redis_client.llen("kdb-test:events")
     wait_until(lambda: redis_client.llen("kdb-test:events") > moved_at + 400, 120, message="no progress after join")
     assert second.stop() == 0
@@ -148,12 +171,14 @@ def test_a_second_bridge_joining_and_leaving_moves_partitions_without_loss_or_du
 
 
 def test_a_failing_record_is_retried_then_advances_and_later_records_wait_for_it(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    fleet: dict[str, str],
 ) -> None:
     topic = topic_factory(2)
     fail_keys = {"5", "17"}
     pipeline = pipeline_factory(
-        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_MAX_RETRIES="2", KDB_TEST_FAIL_KEYS=",".join(fail_keys)
+        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_MAX_RETRIES="2", KDB_TEST_FAIL_KEYS=",".join(fail_keys),
+        **fleet,
     )
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 300, key=lambda i: str(i % 50))
     pipeline.start_workers(processes=2, threads=8)
@@ -207,16 +232,18 @@ def test_binary_keys_values_and_duplicate_binary_headers_arrive_unchanged(
     assert received == [repr(r) for r in sent]
 
 
+@PROTOCOLS
 def test_a_partition_added_while_running_is_picked_up(
     pipeline_factory: Callable[..., Pipeline],
     topic_factory: Callable[..., str],
     redis_client: redis.Redis,
     admin: Any,
+    protocol: str,
 ) -> None:
     from confluent_kafka.admin import NewPartitions
 
     topic = topic_factory(2)
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition")
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", BRIDGE_GROUP_PROTOCOL=protocol)
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 200)
     pipeline.start_workers(processes=1, threads=4)
     pipeline.start_bridge("-X", "topic.metadata.refresh.interval.ms=1000")
@@ -235,13 +262,16 @@ def test_a_partition_added_while_running_is_picked_up(
     assert_complete(report, ends)
 
 
+@PROTOCOLS
 def test_a_partition_handed_over_while_records_run_keeps_order_across_owners(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    protocol: str,
 ) -> None:
     topic = topic_factory(6)
     # Bridges here do not wait for their records when partitions are revoked, so the new owner
     # takes over while records of the old assignment still run (8-9 s each) and must wait.
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="8000-9000")
+    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="8000-9000",
+                                BRIDGE_GROUP_PROTOCOL=protocol)
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 18)
     pipeline.start_workers(processes=2, threads=8)
     no_drain = {"BRIDGE_DRAIN_TIMEOUT": "0"}

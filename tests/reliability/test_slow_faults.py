@@ -46,11 +46,14 @@ def test_bridge_sigterm_loop_repeats_nothing(
     assert verdict.duplicates == 0, "graceful stops produce no duplicates"
 
 
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_rebalance_storm_with_three_bridges(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    protocol: str,
 ) -> None:
-    s = scenario("rebalance storm", pipeline_factory, topic_factory, redis_client,
-                 faults="3 bridges, 6 partitions, a bridge started or stopped every 0.5-3 s for 60 s")
+    s = scenario(f"rebalance storm ({protocol} protocol)", pipeline_factory, topic_factory, redis_client,
+                 faults="3 bridges, 6 partitions, a bridge started or stopped every 0.5-3 s for 60 s",
+                 BRIDGE_GROUP_PROTOCOL=protocol)
     s.pipeline.start_workers(processes=2, threads=8)
     slots: list[BridgeProcess | None] = [s.bridge(), None, None]
     s.produce(12000, rate=200)

@@ -12,6 +12,8 @@ check order, overlap, duplicates and completeness from a single totally ordered 
   KDB_TEST_VALUE_CODEC  the handler's value codec (default bytes)
   KDB_TEST_DLQ          dead-letter topic: a name, "off", or unset for the default
   KDB_TEST_FAIL_SET     Redis set of record keys whose attempts raise, read on every call
+  KDB_TEST_RABBITMQ_URL the task broker is RabbitMQ at this URL (default: Redis at BRIDGE_REDIS_URL)
+  KDB_TEST_BROKER_URL   Redis of the task broker and the history (default BRIDGE_REDIS_URL, the ledger)
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ from dramatiq.middleware import CurrentMessage
 from bridge import Record, kafka_handler
 
 URL = os.environ["BRIDGE_REDIS_URL"]
-broker = RedisBroker(url=URL)
+#: The Redis of the task broker and of the test's history when the ledger is another one.
+TASKS_URL = os.environ.get("KDB_TEST_BROKER_URL") or URL
+#: KDB_TEST_RABBITMQ_URL puts the lanes on RabbitMQ (the ledger and the test's history stay in Redis).
+RABBITMQ_URL = os.environ.get("KDB_TEST_RABBITMQ_URL")
+broker: dramatiq.Broker
+if RABBITMQ_URL:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=RABBITMQ_URL)
+else:
+    broker = RedisBroker(url=TASKS_URL)
 broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
-_events = redis.Redis.from_url(URL)
+_events = redis.Redis.from_url(TASKS_URL)
 EVENTS = os.environ.get("KDB_TEST_EVENTS", "kdb-test:events")
 _sleep = os.environ.get("KDB_TEST_SLEEP_MS", "0")
 _low, _, _high = _sleep.partition("-")

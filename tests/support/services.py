@@ -20,6 +20,13 @@ class RedisEndpoint(Protocol):
     def url(self) -> str: ...
 
 
+class RabbitEndpoint(Protocol):
+    """What tests may rely on from the ``rabbitmq`` fixture."""
+
+    @property
+    def url(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class ExternalKafka:
     """A Kafka cluster given by ``BRIDGE_TEST_BOOTSTRAP_SERVERS``; it cannot be stopped or killed."""
@@ -30,5 +37,12 @@ class ExternalKafka:
 @dataclass(frozen=True)
 class ExternalRedis:
     """A Redis server given by ``BRIDGE_TEST_REDIS_URL``; it cannot be stopped or killed."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class ExternalRabbit:
+    """A RabbitMQ broker given by ``BRIDGE_TEST_RABBITMQ_URL``; it cannot be stopped or killed."""
 
     url: str
