@@ -26,6 +26,8 @@ RET_CONFIG = 2  # invalid settings, options or handler modules
 RET_UNAVAILABLE = 3  # Kafka or the ledger could not be reached (status, replay)
 RET_KAFKA_FATAL = 4  # librdkafka reported a fatal error
 RET_OFFSET_OUT_OF_RANGE = 5  # a committed offset lies outside the log; never reset silently
+RET_KAFKA_ACCESS_DENIED = 6  # wrong credentials, an untrusted certificate or a missing ACL
+RET_LEDGER_ACCESS_DENIED = 7  # the ledger's Redis user lacks a permission
 RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop
 
 EPILOG = """\
@@ -223,12 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as e:
         logger.error("%s", e)
         return RET_CONFIG
+    except FatalError as e:  # before RecoverableError: a refused ledger call is both
+        logger.error("%s", e)
+        return e.exit_code
     except RecoverableError as e:
         logger.error("%s", e)
         return RET_UNAVAILABLE
-    except FatalError as e:
-        logger.error("%s", e)
-        return e.exit_code
     except Exception:
         # Logged rather than left to the interpreter, so the traceback passes the redaction too.
         logger.exception("unexpected error")

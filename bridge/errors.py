@@ -12,8 +12,10 @@ __all__ = [
     "ConfigurationError",
     "FatalError",
     "HandlerError",
+    "KafkaAccessDenied",
     "KafkaFatalError",
     "KafkaUnavailable",
+    "LedgerAccessDenied",
     "LedgerUnavailable",
     "OffsetOutOfRange",
     "RecoverableError",
@@ -49,6 +51,13 @@ class LedgerUnavailable(RecoverableError):
     """The ack ledger (Redis) did not answer."""
 
 
+class LedgerAccessDenied(LedgerUnavailable, FatalError):
+    """The ledger's Redis user lacks a permission. Workers treat it like an outage (logged,
+    counted); the bridge stops with this exit code, since waiting cannot grant a permission."""
+
+    exit_code = 7
+
+
 class KafkaUnavailable(RecoverableError):
     """Kafka did not answer (brokers down, coordinator moving)."""
 
@@ -61,6 +70,13 @@ class KafkaFatalError(FatalError):
     """librdkafka reported a fatal error (e.g. a fenced or unauthorized client)."""
 
     exit_code = 4
+
+
+class KafkaAccessDenied(FatalError):
+    """Kafka refused the bridge: wrong credentials, an untrusted certificate, or a missing ACL.
+    Retrying cannot fix it, so the bridge stops at once, before any commit."""
+
+    exit_code = 6
 
 
 class OffsetOutOfRange(FatalError):

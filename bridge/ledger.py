@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 
 import redis
 
-from .errors import LedgerUnavailable
+from .errors import LedgerAccessDenied, LedgerUnavailable
 from .keys import LANES_KEY, PartitionKeys
 
 StartResult = Literal["run", "fenced", "done", "superseded", "wait"]
@@ -204,7 +204,7 @@ class Ledger:
         try:
             code = self._start(keys=_script_keys(keys), args=[offset, epoch, entry, attempt, prev, int(live * 1000)])
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
+            raise _failure(f"ledger start of {keys.topic}[{keys.partition}]@{offset}", e) from e
         return _START_CODES[int(code)]
 
     def finish(
@@ -234,7 +234,7 @@ class Ledger:
         try:
             reply = self._finish(keys=_script_keys(keys), args=args)
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{offset}: {e}") from e
+            raise _failure(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{offset}", e) from e
         verdict = _START_CODES.get(int(reply[0]))
         body = reply[1] if len(reply) > 1 else None
         return verdict, body.encode() if isinstance(body, str) else body
@@ -253,7 +253,7 @@ class Ledger:
                     self._stage(keys=[keys.done, keys.failed, keys.floor, keys.staged], args=args, client=pipe)
                 replies = pipe.execute()
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"staging records: {e}") from e
+            raise _failure("staging records", e) from e
         return {keys: [int(i) - 1 for i in late] for (keys, _), late in zip(items, replies, strict=True)}
 
     def beat(self, running: Mapping[PartitionKeys, Iterable[int]]) -> None:
@@ -265,14 +265,14 @@ class Ledger:
                     pipe.hset(keys.beats, mapping=cast(Any, {str(o): now for o in offsets}))
                 pipe.execute()
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"heartbeat: {e}") from e
+            raise _failure("heartbeat", e) from e
 
     def lanes(self) -> dict[str, str]:
         """Lane name -> topic for every lane any bridge has opened."""
         try:
             raw = cast(dict[str, str], self.client.hgetall(LANES_KEY))
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading lanes: {e}") from e
+            raise _failure("reading lanes", e) from e
         return dict(raw)
 
     # -- bridge side ------------------------------------------------------------------------
@@ -291,13 +291,13 @@ class Ledger:
                     pipe.set(keys.floor, committed)
                 return [int(v) for v in pipe.execute()[::3]]
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"bumping epochs: {e}") from e
+            raise _failure("bumping epochs", e) from e
 
     def running(self, keys: PartitionKeys) -> dict[int, dict[str, Any]]:
         try:
             raw = cast(dict[str, str], self.client.hgetall(keys.running))
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading running records of {keys.topic}[{keys.partition}]: {e}") from e
+            raise _failure(f"reading running records of {keys.topic}[{keys.partition}]", e) from e
         return {int(k): json.loads(v) for k, v in raw.items()}
 
     def last_seen(self, keys: PartitionKeys, offsets: Sequence[int]) -> dict[int, int]:
@@ -322,19 +322,19 @@ class Ledger:
                 pipe.hincrby(keys.attempts, str(offset), 1)
                 return int(pipe.execute()[1])
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"re-dispatching {keys.topic}[{keys.partition}]@{offset}: {e}") from e
+            raise _failure(f"re-dispatching {keys.topic}[{keys.partition}]@{offset}", e) from e
 
     def ping(self) -> None:
         try:
             self.client.ping()
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"ledger at {_safe_url(self.client)} does not answer: {e}") from e
+            raise _failure(f"ledger at {_safe_url(self.client)} does not answer", e) from e
 
     def done_from(self, keys: PartitionKeys, low: int) -> set[int]:
         try:
             raw = cast(list[str], self.client.zrangebyscore(keys.done, low, "+inf"))
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading done offsets of {keys.topic}[{keys.partition}]: {e}") from e
+            raise _failure(f"reading done offsets of {keys.topic}[{keys.partition}]", e) from e
         return {int(v) for v in raw}
 
     def completions(self, partitions: Sequence[PartitionKeys], limit: int = 5000) -> dict[PartitionKeys, Progress]:
@@ -366,7 +366,7 @@ class Ledger:
                     # A failure settled or overtaken by a success meanwhile has no detail left.
                     result[keys].failed.update({o: json.loads(v) for o, v in zip(offsets, values, strict=True) if v})
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading ledger progress: {e}") from e
+            raise _failure("reading ledger progress", e) from e
         return result
 
     def progress(self, keys: PartitionKeys, offsets: Sequence[int]) -> Progress:
@@ -391,7 +391,7 @@ class Ledger:
                 pipe.hdel(keys.attempts, *[str(o) for o in offsets])
                 pipe.execute()
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"settling failures of {keys.topic}[{keys.partition}]: {e}") from e
+            raise _failure(f"settling failures of {keys.topic}[{keys.partition}]", e) from e
 
     def prune(self, committed: Mapping[PartitionKeys, int]) -> None:
         """Forget facts below each committed offset; Kafka's committed offset covers them."""
@@ -401,7 +401,7 @@ class Ledger:
                     keys=[keys.done, keys.floor, keys.failed, keys.attempts, keys.beats, keys.staged], args=[offset]
                 )
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"pruning ledger: {e}") from e
+            raise _failure("pruning ledger", e) from e
 
     def _per_offset(
         self, keys: PartitionKeys, offsets: Sequence[int], doing: str, first: str, second: str
@@ -414,7 +414,7 @@ class Ledger:
                     (pipe.zmscore if key == keys.done else pipe.hmget)(key, fields)
                 a, b = pipe.execute()
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"reading {doing} of {keys.topic}[{keys.partition}]: {e}") from e
+            raise _failure(f"reading {doing} of {keys.topic}[{keys.partition}]", e) from e
         return a, b
 
     def publish_status(self, key: str, entries: Mapping[str, str]) -> None:
@@ -426,7 +426,7 @@ class Ledger:
         try:
             self.client.hset(key, mapping=cast(Any, dict(fields)))
         except redis.RedisError as e:
-            raise LedgerUnavailable(f"{doing}: {e}") from e
+            raise _failure(f"{doing}", e) from e
 
 
 def _script_keys(keys: PartitionKeys) -> list[str]:
@@ -455,6 +455,17 @@ def _running_entry(epoch: int, worker: str, attempt: int, retries: int = 0) -> s
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _failure(what: str, error: redis.RedisError) -> LedgerUnavailable:
+    """The bridge's error for a failed ledger call: a refusal by Redis ACLs, or an outage."""
+    text = str(error)
+    if isinstance(error, redis.exceptions.NoPermissionError) or "no permissions" in text or "NOPERM" in text:
+        return LedgerAccessDenied(
+            f"{what}: the ledger's Redis user may not do this; give it the ACL rule in docs/security.md "
+            f"(BRIDGE_REDIS_URL names the user): {error}"
+        )
+    return LedgerUnavailable(f"{what}: {error}")
 
 
 def _safe_url(client: redis.Redis) -> str:

@@ -150,9 +150,10 @@ class Parking:
         backoff = 0.1
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            subscribed_at = time.monotonic()
             try:
+                # The subscription's answer (or refusal) arrives with the first get_message.
                 pubsub.psubscribe(FINISHED_PATTERN)
-                backoff = 0.1
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.05)
                     if message is not None and message.get("type") == "pmessage":
@@ -160,6 +161,8 @@ class Parking:
                     for parked in self._due():
                         self._release(parked)
             except redis.RedisError as e:
+                if time.monotonic() - subscribed_at > 10 * backoff:
+                    backoff = 0.1  # it had been listening: a fresh failure
                 # Parked records are still released by their recheck meanwhile.
                 logger.warning("listening for finished records failed, retrying in %.1fs: %s", backoff, e)
                 for parked in self._due():

@@ -28,10 +28,12 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 
 from .consumer import consumer_config, is_cooperative
 from .deadletter import DeadLetters, Outcome, dead_letter_headers
+from .denied import access_denied
 from .enqueue import EnqueueError, enqueue_many, pipelined
 from .errors import (
     ConfigurationError,
     FatalError,
+    KafkaAccessDenied,
     KafkaFatalError,
     KafkaUnavailable,
     LedgerUnavailable,
@@ -214,6 +216,13 @@ class Bridge:
                 metadata = self._consumer.list_topics(timeout=5)
                 break
             except KafkaException as e:
+                # Refusals arrive as error events; consuming serves them (nothing is subscribed yet).
+                self._consumer.consume(num_messages=1, timeout=0)
+                denied = access_denied(e.args[0], self.settings)
+                if denied is not None:
+                    self._deny(denied)
+                if self._fatal is not None:
+                    return False
                 logger.error(
                     "cannot reach Kafka at %s (%s); retrying in %.0fs", self.settings.bootstrap_servers, e, delay
                 )
@@ -221,6 +230,17 @@ class Bridge:
                 delay = min(delay * 2, 30.0)
         else:
             return False
+        for topic in topics:
+            info = metadata.topics.get(topic)
+            if info is None:
+                # A listing leaves out topics the principal may not describe; asking for the
+                # topic by name tells "missing" from "not authorized".
+                with contextlib.suppress(KafkaException):
+                    info = self._consumer.list_topics(topic=topic, timeout=5).topics.get(topic)
+            if info is not None and info.error is not None:
+                denied = access_denied(info.error, self.settings, topic)
+                if denied is not None:
+                    raise denied
         missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error is not None]
         if missing and not self.settings.wait_for_topics:
             raise ConfigurationError(
@@ -325,6 +345,9 @@ class Bridge:
     # -- outages ----------------------------------------------------------------------------
 
     def _outage(self, error: Exception, now: float) -> None:
+        if isinstance(error, FatalError):
+            self._fatal = self._fatal or error  # a refused permission: waiting cannot help
+            self.stop()
         first = self._outage_since is None
         if first:
             self._outage_since = now
@@ -379,6 +402,9 @@ class Bridge:
                 f"{where}: the committed offset is out of range ({error.str()}); the bridge does not "
                 "reset offsets silently. Inspect the group and reset it explicitly."
             )
+        denied = access_denied(error, self.settings, message.topic())
+        if denied is not None:
+            raise denied
         if error.fatal():
             raise KafkaFatalError(f"{where}: fatal Kafka error: {error.str()}")
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
@@ -387,7 +413,10 @@ class Bridge:
         logger.warning("%s: %s", where, error.str(), extra=extra)
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
+        denied = access_denied(error, self.settings)
+        if denied is not None:
+            self._deny(denied)
+        elif error.fatal():
             logger.critical("fatal Kafka error: %s", error.str())
             self._fatal = KafkaFatalError(f"fatal Kafka error: {error.str()}")
             self.stop()
@@ -395,6 +424,12 @@ class Bridge:
             logger.error("Kafka at %s: %s", self.settings.bootstrap_servers, error.str())
         else:
             logger.warning("Kafka: %s", error.str())
+
+    def _deny(self, denied: KafkaAccessDenied) -> None:
+        """Stop for good: Kafka refused the bridge and retrying cannot change that."""
+        if self._fatal is None:
+            self._fatal = denied  # logged once, by whoever ends the process
+        self.stop()
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -738,6 +773,10 @@ class Bridge:
             self.metrics.commit_duration.observe(time.monotonic() - self._commits_sent.popleft())
         if error is not None:
             self.stats.commit_failures += 1
+            denied = access_denied(error, self.settings)
+            if denied is not None:
+                self._deny(denied)
+                return
             logger.warning("commit failed, will retry: %s", error.str())
             for tp in partitions:
                 owned = self.owned.get((tp.topic, tp.partition))
@@ -797,6 +836,9 @@ class Bridge:
             self.ledger.open_lanes(lanes)
         except LedgerUnavailable as e:
             logger.error("%s; newly assigned partitions stay paused until the ledger answers", e)
+            if isinstance(e, FatalError):
+                self._fatal = self._fatal or e
+                self.stop()
             epochs = None
         start_list: list[TopicPartition] = []
         now = time.monotonic()

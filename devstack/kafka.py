@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,19 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
+@dataclass(frozen=True)
+class Security:
+    """Two more listeners for clients that authenticate: ``SASL_PLAINTEXT`` with SCRAM-SHA-512
+    and ``SSL`` (a server certificate, no client certificates), with Kafka's standard
+    authorizer on. The ``PLAINTEXT`` listener stays for administration: its clients
+    (``User:ANONYMOUS``) and ``User:admin`` are super users; every other principal needs ACLs.
+    SCRAM users are created with the admin API (``alter_user_scram_credentials``).
+    """
+
+    #: PEM file with the server's PKCS#8 private key followed by its certificate chain.
+    keystore: Path
+
+
 class KafkaServer(Service):
     """One Kafka process acting as broker and controller, with all its state in ``data_dir``.
 
@@ -85,8 +99,12 @@ class KafkaServer(Service):
 
     name = "kafka"
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, proxy_port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, proxy_port: int | None = None,
+        security: Security | None = None,
+    ) -> None:
         super().__init__(data_dir)
+        self.security = security
         self._requested_port = port
         # A second listener, advertised at ``proxy_port``: clients that bootstrap there stay
         # behind a proxy (see ``proxied_port``) for every connection, not just the first.
@@ -116,6 +134,16 @@ class KafkaServer(Service):
     @property
     def bootstrap_servers(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """The SASL_PLAINTEXT (SCRAM-SHA-512) listener; needs ``security``."""
+        return f"{HOST}:{self._require_state()['sasl_port']}"
+
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        """The SSL listener; needs ``security``."""
+        return f"{HOST}:{self._require_state()['ssl_port']}"
 
     # -- files --------------------------------------------------------------------------
 
@@ -161,6 +189,8 @@ class KafkaServer(Service):
         if self._proxy_port is not None:
             state.setdefault("proxied_port", free_port())
             state["proxy_port"] = self._proxy_port
+        if self.security is not None and "sasl_port" not in state:
+            state["sasl_port"], state["ssl_port"] = free_ports(2)
         self._state = state
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         self.properties_file.write_text(self._properties())
@@ -271,6 +301,23 @@ class KafkaServer(Service):
             listeners += f",PROXIED://{HOST}:{state['proxied_port']}"
             advertised += f",PROXIED://{HOST}:{state['proxy_port']}"
             protocols += ",PROXIED:PLAINTEXT"
+        secured: dict[str, str] = {}
+        if self.security is not None:
+            for name in ("SASL_PLAINTEXT", "SSL"):
+                address = f"{HOST}:{state[name.lower().split('_')[0] + '_port']}"
+                listeners += f",{name}://{address}"
+                advertised += f",{name}://{address}"
+                protocols += f",{name}:{name}"
+            secured = {
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "listener.name.ssl.ssl.keystore.type": "PEM",
+                "listener.name.ssl.ssl.keystore.location": str(self.security.keystore),
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "super.users": "User:ANONYMOUS;User:admin",
+                "allow.everyone.if.no.acl.found": "false",
+            }
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -298,6 +345,7 @@ class KafkaServer(Service):
             "broker.heartbeat.interval.ms": "1000",
             "num.network.threads": "2",
             "num.io.threads": "4",
+            **secured,
         }
         return "".join(f"{key}={value}\n" for key, value in props.items())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -20,6 +21,15 @@ def redis_server_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """A TLS port beside the plain one (clients need not present certificates)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class RedisServer(Service):
     """A redis-server process whose config, dumps and logs live in ``data_dir``.
 
@@ -31,10 +41,14 @@ class RedisServer(Service):
 
     name = "redis"
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, aof: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, aof: bool = False, tls: RedisTls | None = None
+    ) -> None:
         super().__init__(data_dir)
         self.aof = aof
+        self.tls = tls
         self._port = port if port is not None else self._saved_port()
+        self._tls_port: int | None = None
 
     @property
     def port(self) -> int:
@@ -45,6 +59,12 @@ class RedisServer(Service):
     @property
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def tls_port(self) -> int:
+        if self._tls_port is None:
+            raise ServiceError(f"redis in {self.data_dir} has no TLS port: start it with tls=")
+        return self._tls_port
 
     @property
     def config_file(self) -> Path:
@@ -91,6 +111,16 @@ class RedisServer(Service):
             lines += ["appendonly yes", "appendfsync always"]
         else:
             lines += ["appendonly no"]
+        if self.tls is not None:
+            if self._tls_port is None:
+                self._tls_port = free_port()
+            lines += [
+                f"tls-port {self._tls_port}",
+                f'tls-cert-file "{self.tls.cert}"',
+                f'tls-key-file "{self.tls.key}"',
+                f'tls-ca-cert-file "{self.tls.ca}"',
+                "tls-auth-clients no",
+            ]
         self.config_file.write_text("\n".join(lines) + "\n")
 
     def _command(self) -> list[str]:
