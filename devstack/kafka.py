@@ -343,6 +343,12 @@ class KafkaServer(Service):
             # incarnation's session expires (9 s by default); keep that short.
             "broker.session.timeout.ms": "4000",
             "broker.heartbeat.interval.ms": "1000",
+            # KIP-848 groups: the session and heartbeat are the broker's; detect a dead member as
+            # quickly as classic groups whose clients ask for 6 s / 1 s.
+            "group.consumer.min.session.timeout.ms": "6000",
+            "group.consumer.session.timeout.ms": "6000",
+            "group.consumer.min.heartbeat.interval.ms": "1000",
+            "group.consumer.heartbeat.interval.ms": "1000",
             "num.network.threads": "2",
             "num.io.threads": "4",
             **secured,

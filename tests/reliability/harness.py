@@ -34,6 +34,8 @@ KEPT = RESULTS.parent / "failed"
 
 #: Settings every reliability bridge runs with: quick failure detection, quick re-dispatch.
 BRIDGE_ARGS = ("-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000", "-X", "max.poll.interval.ms=30000")
+#: With KIP-848's protocol the session and heartbeat are the broker's (devstack sets the same values).
+BRIDGE_ARGS_CONSUMER_PROTOCOL = ("-X", "max.poll.interval.ms=30000")
 
 
 def seed_for(name: str) -> int:
@@ -130,7 +132,9 @@ class Scenario:
         self.event_log = pipeline.tmp / "bridge-events.jsonl"
 
     def bridge(self, **env: str) -> BridgeProcess:
-        return self.pipeline.start_bridge(*BRIDGE_ARGS, env={"BRIDGE_EVENT_LOG": str(self.event_log), **env})
+        consumer_protocol = {**self.pipeline.env, **env}.get("BRIDGE_GROUP_PROTOCOL") == "consumer"
+        args = BRIDGE_ARGS_CONSUMER_PROTOCOL if consumer_protocol else BRIDGE_ARGS
+        return self.pipeline.start_bridge(*args, env={"BRIDGE_EVENT_LOG": str(self.event_log), **env})
 
     def produce(self, count: int, rate: float, value: Callable[[int], bytes] = lambda i: str(i).encode()) -> None:
         self.producer = HistoryProducer(self.pipeline.kafka.bootstrap_servers, self.topic, count, rate, value)
