@@ -92,7 +92,12 @@ class Settings(WorkerSettings):
     )
     group_protocol: Literal["classic", "consumer"] = Field(
         "classic",
-        description="`classic` (cooperative-sticky assignor) or `consumer` (KIP-848, Kafka 4).",
+        description=(
+            "`classic` (cooperative-sticky assignor) or `consumer` (KIP-848, Kafka 4). With `consumer` the"
+            " broker assigns partitions and owns the session and heartbeat timeouts"
+            " (`group.consumer.session.timeout.ms`), so `session.timeout.ms` and `heartbeat.interval.ms`"
+            " in `BRIDGE_KAFKA` are refused at start."
+        ),
     )
     isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
         "read_committed",

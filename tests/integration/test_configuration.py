@@ -36,6 +36,7 @@ BASE = {"KDB_TEST_TOPICS": "some-topic", "BRIDGE_REDIS_URL": "redis://127.0.0.1:
         (("-X", "novalue"), {}, "NAME=VALUE"),
         ((), {"BRIDGE_DRAIN_TIMEOUT": "400"}, "max.poll.interval.ms"),
         ((), {"KDB_TEST_ORDERING": "sorted"}, "ordering"),
+        (("-X", "session.timeout.ms=6000"), {"BRIDGE_GROUP_PROTOCOL": "consumer"}, "session.timeout.ms"),
     ],
 )
 def test_an_invalid_setting_exits_with_code_2_naming_it(args: tuple[str, ...], env: dict[str, str], named: str) -> None:
