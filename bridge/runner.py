@@ -33,7 +33,6 @@ from .enqueue import EnqueueError, enqueue_many, pipelined
 from .errors import (
     ConfigurationError,
     FatalError,
-    KafkaAccessDenied,
     KafkaFatalError,
     KafkaUnavailable,
     LedgerUnavailable,
@@ -220,7 +219,7 @@ class Bridge:
                 self._consumer.consume(num_messages=1, timeout=0)
                 denied = access_denied(e.args[0], self.settings)
                 if denied is not None:
-                    self._deny(denied)
+                    self._halt(denied)
                 if self._fatal is not None:
                     return False
                 logger.error(
@@ -346,8 +345,7 @@ class Bridge:
 
     def _outage(self, error: Exception, now: float) -> None:
         if isinstance(error, FatalError):
-            self._fatal = self._fatal or error  # a refused permission: waiting cannot help
-            self.stop()
+            self._halt(error)  # a refused permission: waiting cannot help
         first = self._outage_since is None
         if first:
             self._outage_since = now
@@ -415,20 +413,20 @@ class Bridge:
     def _on_error(self, error: KafkaError) -> None:
         denied = access_denied(error, self.settings)
         if denied is not None:
-            self._deny(denied)
+            self._halt(denied)
         elif error.fatal():
             logger.critical("fatal Kafka error: %s", error.str())
-            self._fatal = KafkaFatalError(f"fatal Kafka error: {error.str()}")
-            self.stop()
+            self._halt(KafkaFatalError(f"fatal Kafka error: {error.str()}"))
         elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             logger.error("Kafka at %s: %s", self.settings.bootstrap_servers, error.str())
         else:
             logger.warning("Kafka: %s", error.str())
 
-    def _deny(self, denied: KafkaAccessDenied) -> None:
-        """Stop for good: Kafka refused the bridge and retrying cannot change that."""
+    def _halt(self, error: FatalError) -> None:
+        """Stop for good: :meth:`run` raises ``error`` (the first one) once the loop has ended;
+        whoever ends the process logs it."""
         if self._fatal is None:
-            self._fatal = denied  # logged once, by whoever ends the process
+            self._fatal = error
         self.stop()
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -775,7 +773,7 @@ class Bridge:
             self.stats.commit_failures += 1
             denied = access_denied(error, self.settings)
             if denied is not None:
-                self._deny(denied)
+                self._halt(denied)
                 return
             logger.warning("commit failed, will retry: %s", error.str())
             for tp in partitions:
@@ -837,8 +835,7 @@ class Bridge:
         except LedgerUnavailable as e:
             logger.error("%s; newly assigned partitions stay paused until the ledger answers", e)
             if isinstance(e, FatalError):
-                self._fatal = self._fatal or e
-                self.stop()
+                self._halt(e)
             epochs = None
         start_list: list[TopicPartition] = []
         now = time.monotonic()
@@ -988,17 +985,12 @@ class Bridge:
             return None
         return int(high) if high >= 0 else None
 
-    def _lag(self, owned: Owned) -> int | None:
-        high = self._end(owned)
-        return None if high is None else max(high - max(owned.confirmed, 0), 0)
-
-    def _publish(self, now: float) -> None:
-        """Hand the metrics and health checks a fresh view of the partitions."""
-        self._next_publish = now + 0.5
-        partitions = []
+    def _views(self, now: float) -> list[PartitionView]:
+        """What the metrics, the health checks and the progress summary show of each partition."""
+        views = []
         for owned in self.owned.values():
             oldest = owned.state.oldest_unfinished_dispatch()
-            partitions.append(
+            views.append(
                 PartitionView(
                     topic=owned.topic,
                     partition=owned.partition,
@@ -1009,30 +1001,36 @@ class Bridge:
                     paused=owned.paused,
                 )
             )
+        return views
+
+    def _publish(self, now: float) -> None:
+        """Hand the metrics and health checks a fresh view of the partitions."""
+        self._next_publish = now + 0.5
         self.metrics.publish(
-            View(tuple(partitions), joined=self._joined, outage_since=self._outage_since, last_poll=self._last_poll)
+            View(tuple(self._views(now)), joined=self._joined, outage_since=self._outage_since,
+                 last_poll=self._last_poll)
         )
 
     def _report(self, now: float) -> None:
-        lags = [self._lag(o) for o in self.owned.values()]
-        lag = sum(v for v in lags if v is not None)
-        in_flight = sum(o.state.open for o in self.owned.values())
-        paused = sum(1 for o in self.owned.values() if o.paused)
-        logger.info(self.stats.summary(now, in_flight=in_flight, lag=lag, partitions=len(self.owned), paused=paused))
+        views = self._views(now)
+        lag = sum(v.lag or 0 for v in views)
+        in_flight = sum(v.in_flight for v in views)
+        paused = sum(1 for v in views if v.paused)
+        logger.info(self.stats.summary(now, in_flight=in_flight, lag=lag, partitions=len(views), paused=paused))
         wall = int(time.time() * 1000)
         entries: dict[str, str] = {}
-        for owned, lag_value in zip(self.owned.values(), lags, strict=True):
-            oldest = owned.state.oldest_unfinished_dispatch()
+        for owned, view in zip(self.owned.values(), views, strict=True):
+            age = view.oldest_unfinished_age
             entries[f"{owned.topic}|{owned.partition}"] = json.dumps(
                 {
                     "owner": self.instance,
                     "epoch": owned.state.epoch,
                     "committed": owned.confirmed,
-                    "in_flight": owned.state.open,
+                    "in_flight": view.in_flight,
                     "dispatched": owned.state.dispatched_open,
-                    "oldest_age_s": round(now - oldest, 3) if oldest else None,
-                    "lag": lag_value,
-                    "paused": owned.paused,
+                    "oldest_age_s": round(age, 3) if age is not None else None,
+                    "lag": view.lag,
+                    "paused": view.paused,
                     "updated_ms": wall,
                 }
             )

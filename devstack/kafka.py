@@ -303,8 +303,8 @@ class KafkaServer(Service):
             protocols += ",PROXIED:PLAINTEXT"
         secured: dict[str, str] = {}
         if self.security is not None:
-            for name in ("SASL_PLAINTEXT", "SSL"):
-                address = f"{HOST}:{state[name.lower().split('_')[0] + '_port']}"
+            for name, port in (("SASL_PLAINTEXT", "sasl_port"), ("SSL", "ssl_port")):
+                address = f"{HOST}:{state[port]}"
                 listeners += f",{name}://{address}"
                 advertised += f",{name}://{address}"
                 protocols += f",{name}:{name}"

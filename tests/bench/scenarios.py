@@ -569,15 +569,23 @@ class Bench:
     # -- T5: latency ----------------------------------------------------------------------
 
     def t5(self) -> None:
-        for ordering in ("none", "key", "partition"):
+        self._latency_runs(("none", "key", "partition"))
+
+    def _latency_runs(self, orderings: tuple[str, ...], broker: str = "", extra_env: dict[str, str] | None = None,
+                      ) -> None:
+        """One T5 run per ordering; ``broker`` ("-rabbitmq") names the lanes' broker when not Redis."""
+        label = ", RabbitMQ lanes" if broker else ""
+        for ordering in orderings:
             p50 = self.measurement(
-                f"t5-{ordering}-p50",
-                f"{ordering} mode: produce -> handler start, p50, at {self.p.t5_rate:g} records/s for "
+                f"t5-{ordering}{broker}-p50",
+                f"{ordering} mode{label}: produce -> handler start, p50, at {self.p.t5_rate:g} records/s for "
                 f"{self.p.t5_seconds:g} s, first {self.p.t5_warmup_s:g} s discarded",
                 "ms",
             )
-            p99 = self.measurement(f"t5-{ordering}-p99", f"{ordering} mode: the same, p99", "ms")
-            result = self.attempt(f"T5 {ordering}", functools.partial(self._latency_once, ordering=ordering))
+            p99 = self.measurement(f"t5-{ordering}{broker}-p99", f"{ordering} mode{label}: the same, p99", "ms")
+            result = self.attempt(
+                f"T5 {ordering}{label}", functools.partial(self._latency_once, ordering=ordering, extra_env=extra_env)
+            )
             if result is not None:
                 _add(p50, result, "p50_ms")
                 _add(p99, result, "p99_ms")
@@ -585,7 +593,6 @@ class Bench:
     def _latency_once(self, run: Run, ordering: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
         topic = self.topic(run, "t5")
         group = unique("t5")
-        self.services.redis.delete(LATENCY_KEY)
         env = self.env(group, topic, ordering, KDB_BENCH_LATENCY=LATENCY_KEY, **(extra_env or {}))
         count = int(self.p.t5_rate * self.p.t5_seconds)
         keys = self.p.t5_keys
@@ -676,20 +683,8 @@ class Bench:
             if result is not None:
                 _add(m, result, "per_partition_rate")
         # The quick mode is a smoke test of the scenario: one latency run is enough there.
-        for ordering in ("none", "key", "partition") if self.p.mode == "full" else ("partition",):
-            p50 = self.measurement(
-                f"t5-{ordering}-rabbitmq-p50",
-                f"RabbitMQ lanes, {ordering} mode: produce -> handler start, p50, at {self.p.t5_rate:g} records/s",
-                "ms",
-            )
-            p99 = self.measurement(f"t5-{ordering}-rabbitmq-p99", f"RabbitMQ lanes, {ordering} mode: p99", "ms")
-            result = self.attempt(
-                f"T5 {ordering}, RabbitMQ",
-                functools.partial(self._latency_once, ordering=ordering, extra_env=rabbit),
-            )
-            if result is not None:
-                _add(p50, result, "p50_ms")
-                _add(p99, result, "p99_ms")
+        orderings = ("none", "key", "partition") if self.p.mode == "full" else ("partition",)
+        self._latency_runs(orderings, "-rabbitmq", rabbit)
 
     # -- T6: memory -------------------------------------------------------------------------
 
@@ -797,25 +792,21 @@ class Bench:
         if have("t4-key", "t4-none"):
             rows.append(ratio_row(
                 "T4", "key mode (1,000 keys) vs none mode, 5 ms handler, records/s", m["t4-key"], m["t4-none"], 0.8))
-        for ordering in ("none", "key", "partition"):
-            if have(f"t5-{ordering}-p50"):
+        for broker, label in (("", ""), ("-rabbitmq", "RabbitMQ lanes, ")):
+            for ordering in ("none", "key", "partition"):
+                if not have(f"t5-{ordering}{broker}-p50"):
+                    continue
                 for p, limit in ((50, 20), (99, 100)):
-                    measurement = m[f"t5-{ordering}-p{p}"]
+                    measurement = m[f"t5-{ordering}{broker}-p{p}"]
                     bound = any(run.get(f"p{p}_is_lower_bound") for run in measurement.runs)
                     rows.append(bound_row(
-                        f"T5-{ordering}-p{p}", f"{ordering} mode, produce -> handler start p{p}", measurement,
-                        at_most=limit, note="lower bound: records were still unhandled when the wait ended"
-                        if bound else ""))
+                        f"T5-{ordering}{broker}-p{p}", f"{label}{ordering} mode, produce -> handler start p{p}",
+                        measurement, at_most=limit,
+                        note="lower bound: records were still unhandled when the wait ended" if bound else ""))
         if have("t3-partition-rabbitmq"):
             rows.append(bound_row(
                 "T3-rabbitmq", "the same with the lanes on RabbitMQ (records behind the first park in the worker)",
                 m["t3-partition-rabbitmq"], at_least=140, reference=1000 / self.p.handler_sleep_ms))
-        for ordering in ("none", "key", "partition"):
-            if have(f"t5-{ordering}-rabbitmq-p50"):
-                for p, limit in ((50, 20), (99, 100)):
-                    rows.append(bound_row(
-                        f"T5-{ordering}-rabbitmq-p{p}", f"RabbitMQ lanes, {ordering} mode, produce -> handler start "
-                        f"p{p}", m[f"t5-{ordering}-rabbitmq-p{p}"], at_most=limit))
         if have("t6-bridge-peak-rss"):
             capped = [r for r in m["t6-bridge-peak-rss"].runs if "capped_after_s" in r]
             span = f"whole {self.p.t6_records:,}-record backlog"
