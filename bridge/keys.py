@@ -12,6 +12,10 @@ from dataclasses import dataclass
 #: Hash of lane name -> topic, read by workers to find the lanes they should consume.
 LANES_KEY = "kdb:lanes"
 
+#: Sorted set of lane name -> when a bridge last registered it (Redis clock, ms): lanes of
+#: partitions nobody owns any more (a deleted topic) leave the registry after a while.
+LANES_SEEN_KEY = "kdb:lanes:seen"
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -70,6 +74,21 @@ class PartitionKeys:
     def staged(self) -> str:
         """Hash of predecessor offset -> the record that runs next after it (pipelined lanes)."""
         return f"{self.prefix}:next"
+
+    @property
+    def script_keys(self) -> list[str]:
+        """Every key of the partition, in the order the ledger's scripts take them (lua/common.lua)."""
+        return [
+            self.epoch,
+            self.done,
+            self.running,
+            self.attempts,
+            self.failed,
+            self.floor,
+            self.fresh,
+            self.beats,
+            self.staged,
+        ]
 
     @property
     def finished_channel(self) -> str:

@@ -1,158 +1,47 @@
 """The ack ledger: done facts per offset, kept in Redis.
 
-Writers are the worker-side middleware (a record started, finished, finally failed) and the
-bridge (assignment epochs, failures it has settled, pruning below the committed offset). Every
-write is idempotent: the same offset may finish twice. Done facts outlive the assignment that
-produced them; starts are fenced by the partition's epoch.
+Writers are the worker-side middleware (a record started, finished, finally failed, will be
+retried) and the bridge (assignment epochs, failures it decided or settled, pruning below the
+committed offset). Every write is idempotent: the same offset may finish twice. Done facts outlive
+the assignment that produced them; starts are fenced by the partition's epoch, and a failure of an
+older epoch never releases a record of a newer one.
+
+The Lua scripts live in ``lua/``; each is ``common.lua`` followed by its own body, and every
+liveness decision in them reads the Redis clock (``TIME``), never a client's.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal, cast
 
 import redis
 
 from .errors import LedgerAccessDenied, LedgerUnavailable
-from .keys import LANES_KEY, PartitionKeys
+from .keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
+from .protocol import failure_json
 
-StartResult = Literal["run", "fenced", "done", "superseded", "wait"]
+StartResult = Literal["run", "fenced", "done", "superseded", "wait", "duplicate"]
 
-# The start and finish scripts take the same keys of one partition (see _script_keys).
-_PRELUDE = """
-local epoch_key, done, running, attempts, failed, floor, fresh, beats, staged = unpack(KEYS)
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
+_START_CODES: dict[int, StartResult] = {
+    0: "fenced",
+    1: "run",
+    2: "done",
+    3: "superseded",
+    4: "wait",
+    5: "duplicate",
+}
 
-# A record may start unless it is done, its epoch is stale, the bridge dispatched a newer copy,
-# or its predecessor (the previous record of its partition or key in the same epoch) has not
-# reached a final state: that last check is what keeps a pipelined lane in order.
-# Codes: 0 fenced, 1 run, 2 done, 3 superseded, 4 wait.
-# A superseded start (3) is also a second copy of an attempt that is running and alive (started
-# or heartbeat within ``live`` ms): a send whose answer was lost and that the bridge sent again
-# must not run twice at once. A copy of a worker that died runs again, and so does dramatiq's
-# retry of a failed try (its retry count "r" is higher).
-_START_FUNCTION = """
-local function start(live, offset, epoch, entry, attempt, prev)
-  if redis.call('ZSCORE', done, offset) then
-    redis.call('RPUSH', fresh, offset)
-    return 2
-  end
-  if tonumber(redis.call('GET', epoch_key) or '0') > tonumber(epoch) then return 0 end
-  if tonumber(attempt) < tonumber(redis.call('HGET', attempts, offset) or '1') then return 3 end
-  local copy = redis.call('HGET', running, offset)
-  local copy_attempt = tonumber(copy and string.match(copy, '"a": (%d+)') or '1')
-  local copy_retries = tonumber(copy and string.match(copy, '"r": (%d+)') or '0')
-  local retries = tonumber(string.match(entry, '"r": (%d+)') or '0')
-  if copy and (copy_attempt > tonumber(attempt) or copy_attempt == tonumber(attempt) and copy_retries >= retries) then
-    local seen = math.max(tonumber(string.match(copy, '"t": (%d+)') or '0'),
-                          tonumber(redis.call('HGET', beats, offset) or '0'))
-    if now_ms() - seen < tonumber(live) then return 3 end
-  end
-  local p = tonumber(prev)
-  if p >= 0 and p >= tonumber(redis.call('GET', floor) or '-1')
-      and not redis.call('ZSCORE', done, prev) and redis.call('HEXISTS', failed, prev) == 0 then
-    return 4
-  end
-  redis.call('HSET', running, offset, entry)
-  return 1
-end
-"""
 
-# ARGV: offset, message epoch, running-entry JSON, attempt, predecessor offset (-1: none), live ms.
-_START = (
-    _PRELUDE
-    + _START_FUNCTION
-    + """
-return start(ARGV[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-"""
-)
+def _script(name: str) -> str:
+    lua = resources.files("bridge").joinpath("lua")
+    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
 
-# ARGV: offset, outcome ('done' | 'failed' | 'retry'), detail JSON, channel, handoff ('1': take
-# the staged successor), worker, live ms, and optionally the successor parked in the same worker
-# process: its offset, epoch, running-entry JSON, attempt.
-# Final states are queued for the owning bridge and announced to waiting successors. The
-# successor is started in the same round trip: the parked one ({code}), else the one the bridge
-# staged ({code, message}, skipping staged records that are done already), else nothing ({-1}).
-_FINISH = (
-    _PRELUDE
-    + _START_FUNCTION
-    + """
-local offset, outcome, live = ARGV[1], ARGV[2], ARGV[7]
-redis.call('HDEL', running, offset)
-redis.call('HDEL', beats, offset)
-if outcome == 'done' then
-  redis.call('ZADD', done, offset, offset)
-  redis.call('HDEL', failed, offset)
-  redis.call('HDEL', attempts, offset)
-  redis.call('RPUSH', fresh, offset)
-  redis.call('PUBLISH', ARGV[4], offset)
-elseif outcome == 'failed' then
-  if not redis.call('ZSCORE', done, offset) then
-    redis.call('HSETNX', failed, offset, ARGV[3])
-    redis.call('RPUSH', fresh, 'f' .. offset)
-    redis.call('PUBLISH', ARGV[4], offset)
-  end
-else
-  return {-1}
-end
-if #ARGV >= 11 then
-  return {start(live, ARGV[8], ARGV[9], ARGV[10], ARGV[11], offset)}
-end
-if ARGV[5] ~= '1' then return {-1} end
-local prev = offset
-while true do
-  local queued = redis.call('HGET', staged, prev)
-  if not queued then return {-1} end
-  redis.call('HDEL', staged, prev)
-  local o, e, a, body = string.match(queued, '^(%d+)|(%d+)|(%d+)|(.*)$')
-  local entry = '{"e": ' .. e .. ', "w": ' .. cjson.encode(ARGV[6]) .. ', "t": ' .. now_ms()
-    .. ', "a": ' .. a .. ', "r": 0}'
-  local code = start(live, o, e, entry, a, prev)
-  if code ~= 2 then return {code, body} end
-  prev = o
-end
-"""
-)
 
-# KEYS: done, failed, floor, staged.  ARGV: pairs of predecessor offset and staged value.
-# Stages each record behind its predecessor, unless the predecessor reached a final state
-# already: those records are returned (by pair index) for the bridge to put on the lane.
-_STAGE = """
-local late = {}
-local floor = tonumber(redis.call('GET', KEYS[3]) or '-1')
-for i = 1, #ARGV, 2 do
-  local prev = ARGV[i]
-  if tonumber(prev) < floor or redis.call('ZSCORE', KEYS[1], prev) or redis.call('HEXISTS', KEYS[2], prev) == 1 then
-    table.insert(late, (i + 1) / 2)
-  else
-    redis.call('HSET', KEYS[4], prev, ARGV[i + 1])
-  end
-end
-return late
-"""
-
-# KEYS: done, floor, then hashes keyed by offset.  ARGV: committed offset.
-# Drops facts below the committed offset: Kafka's committed offset covers them.
-_PRUNE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
-local floor = tonumber(ARGV[1])
-if floor > tonumber(redis.call('GET', KEYS[2]) or '-1') then redis.call('SET', KEYS[2], floor) end
-for i = 3, #KEYS do
-  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
-    if tonumber(field) < floor then redis.call('HDEL', KEYS[i], field) end
-  end
-end
-return 1
-"""
-
-_START_CODES: dict[int, StartResult] = {0: "fenced", 1: "run", 2: "done", 3: "superseded", 4: "wait"}
+_SCRIPTS = ("start", "finish", "stage", "beat", "stale", "handover", "bump", "fail", "prune")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +50,62 @@ class Progress:
 
     done: list[int]
     failed: dict[int, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """The answer about records that showed no progress: done or failed meanwhile, or to be
+    dispatched again under the attempt number given."""
+
+    progress: Progress
+    again: dict[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What a new owner reads before it dispatches."""
+
+    #: Offsets of older epochs whose copies are running now.
+    running: list[int]
+    done: set[int]
+    failed: dict[int, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The answer to a finish: the start verdict of the next record, if one was tried.
+
+    ``parked`` is the verdict of the successor parked in the finishing process; ``staged`` and
+    ``body`` are the record the bridge had staged behind the finished one (its encoded message),
+    started unless ``staged`` says otherwise; ``retries`` is the retry count the started record
+    continues with.
+    """
+
+    parked: StartResult | None = None
+    staged: StartResult | None = None
+    body: bytes | None = None
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Try:
+    """One copy of a record as the scripts identify it."""
+
+    offset: int
+    epoch: int
+    attempt: int
+    retries: int
+    token: str
+
+
+@dataclass(slots=True)
+class Beats:
+    """Signs of life of one worker process for one partition."""
+
+    #: (offset, token, registration JSON) of each copy running.
+    running: list[tuple[int, str, str]] = field(default_factory=list)
+    #: Offsets of records parked.
+    parked: list[int] = field(default_factory=list)
 
 
 def connect(url: str, **kwargs: Any) -> redis.Redis:
@@ -180,89 +125,78 @@ class Ledger:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._start = client.register_script(_START)
-        self._finish = client.register_script(_FINISH)
-        self._prune = client.register_script(_PRUNE)
-        self._stage = client.register_script(_STAGE)
+        self._scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
+        self._seen_lanes = client.register_script(_SEEN_LANES)
+        self._expired_lanes = client.register_script(_EXPIRED_LANES)
+
+    def _run(self, name: str, keys: PartitionKeys, args: Sequence[Any], client: Any = None) -> Any:
+        return self._scripts[name](keys=keys.script_keys, args=list(args), client=client)
 
     # -- worker side ------------------------------------------------------------------------
 
-    def start(
-        self,
-        keys: PartitionKeys,
-        offset: int,
-        epoch: int,
-        worker: str,
-        attempt: int = 1,
-        prev: int = -1,
-        live: float = 15.0,
-        retries: int = 0,
-    ) -> StartResult:
-        """Record that ``offset`` starts now; refuse it if it is done, its epoch is stale, or the
-        bridge dispatched a newer copy of it; ``wait`` while its predecessor ``prev`` runs."""
-        entry = _running_entry(epoch, worker, attempt, retries)
+    def start(self, keys: PartitionKeys, copy: Try, worker: str, prev: int = -1, live: float = 15.0) -> tuple[
+        StartResult, int
+    ]:
+        """Record that a copy of a record starts now, unless it is done, fenced by a newer epoch,
+        superseded by a newer copy, behind a predecessor that has not finished (``wait``) or
+        behind another copy of itself that is running (``duplicate``). Returns the verdict and the
+        retry count the copy continues with."""
+        args = [copy.offset, copy.epoch, copy.attempt, copy.retries, copy.token, worker, prev, int(live * 1000)]
         try:
-            code = self._start(keys=_script_keys(keys), args=[offset, epoch, entry, attempt, prev, int(live * 1000)])
+            code, retries = self._run("start", keys, args)
         except redis.RedisError as e:
-            raise _failure(f"ledger start of {keys.topic}[{keys.partition}]@{offset}", e) from e
-        return _START_CODES[int(code)]
+            raise _failure(f"ledger start of {keys.topic}[{keys.partition}]@{copy.offset}", e) from e
+        return _START_CODES[int(code)], int(retries)
 
     def finish(
         self,
         keys: PartitionKeys,
-        offset: int,
-        outcome: str,
-        detail: Mapping[str, Any] | None = None,
-        successor: tuple[int, int, str, int, int] | None = None,
+        copy: Try,
+        outcome: Literal["done", "failed", "retry"],
         *,
-        handoff: bool = False,
+        detail: Mapping[str, Any] | None = None,
+        delay_ms: int = 0,
         worker: str = "",
+        handoff: bool = False,
+        successor_token: str = "",
+        parked: Try | None = None,
         live: float = 15.0,
-    ) -> tuple[StartResult | None, bytes | None]:
-        """Record the end of an attempt: ``done``, ``failed`` (final) or ``retry`` (not terminal).
+    ) -> Finished:
+        """Record the end of one try: ``done``, ``failed`` (final) or ``retry`` (dramatiq holds it in
+        a delay queue for ``delay_ms``; it stays alive meanwhile).
 
         When the outcome is final, the next record of the partition (key) is started in the same
-        round trip: ``successor`` (offset, epoch, worker, attempt, retries), a record parked in this
-        process, or else with ``handoff`` the record the bridge staged behind this one. Returns
-        that start's verdict and, for a staged record, its encoded message.
+        round trip: ``parked``, a record waiting in this process, else with ``handoff`` the record
+        the bridge staged behind this one (registered under ``successor_token``).
         """
-        args: list[Any] = [offset, outcome, json.dumps(dict(detail or {})), keys.finished_channel]
-        args += ["1" if handoff else "0", worker, int(live * 1000)]
-        if successor is not None:
-            next_offset, epoch, worker_id, attempt, retries = successor
-            args += [next_offset, epoch, _running_entry(epoch, worker_id, attempt, retries), attempt]
+        args: list[Any] = [copy.offset, outcome, copy.epoch, copy.attempt, copy.retries, copy.token]
+        args += [failure_json(copy.epoch, detail or {}), delay_ms, int(live * 1000), keys.finished_channel]
+        args += ["1" if handoff else "0", worker, successor_token]
+        if parked is not None:
+            args += [parked.offset, parked.epoch, parked.attempt, parked.retries, parked.token]
         try:
-            reply = self._finish(keys=_script_keys(keys), args=args)
+            reply = self._run("finish", keys, args)
         except redis.RedisError as e:
-            raise _failure(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{offset}", e) from e
-        verdict = _START_CODES.get(int(reply[0]))
-        body = reply[1] if len(reply) > 1 else None
-        return verdict, body.encode() if isinstance(body, str) else body
+            raise _failure(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{copy.offset}", e) from e
+        parked_code, staged_code = int(reply[0]), int(reply[1])
+        body = reply[2] if len(reply) > 2 else None
+        return Finished(
+            parked=_START_CODES.get(parked_code),
+            staged=_START_CODES.get(staged_code),
+            body=body.encode() if isinstance(body, str) else None,
+            retries=int(reply[3]) if len(reply) > 3 else 0,
+        )
 
-    def stage(self, staged: Mapping[PartitionKeys, Sequence[tuple[int, str]]]) -> dict[PartitionKeys, list[int]]:
-        """Stage records behind their predecessors, one round trip for all partitions. Returns,
-        per partition, the indexes of records whose predecessor had finished already: those
-        belong on the lane."""
-        items = [(keys, pairs) for keys, pairs in staged.items() if pairs]
-        if not items:
-            return {}
+    def beat(self, beats: Mapping[PartitionKeys, Beats]) -> None:
+        """Signs of life of the records running or parked in this process, one round trip."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for keys, pairs in items:
-                    args = [v for prev, value in pairs for v in (prev, value)]
-                    self._stage(keys=[keys.done, keys.failed, keys.floor, keys.staged], args=args, client=pipe)
-                replies = pipe.execute()
-        except redis.RedisError as e:
-            raise _failure("staging records", e) from e
-        return {keys: [int(i) - 1 for i in late] for (keys, _), late in zip(items, replies, strict=True)}
-
-    def beat(self, running: Mapping[PartitionKeys, Iterable[int]]) -> None:
-        """Mark records as still running now (liveness of long handlers)."""
-        now = _now_ms()
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, offsets in running.items():
-                    pipe.hset(keys.beats, mapping=cast(Any, {str(o): now for o in offsets}))
+                for keys, found in beats.items():
+                    args: list[Any] = [len(found.running)]
+                    for offset, token, entry in found.running:
+                        args += [offset, token, entry]
+                    args += found.parked
+                    self._run("beat", keys, args, client=pipe)
                 pipe.execute()
         except redis.RedisError as e:
             raise _failure("heartbeat", e) from e
@@ -278,20 +212,149 @@ class Ledger:
     # -- bridge side ------------------------------------------------------------------------
 
     def open_lanes(self, lanes: Mapping[str, str]) -> None:
-        self._hset(LANES_KEY, lanes, "registering lanes")
-
-    def bump_epochs(self, partitions: Mapping[PartitionKeys, int]) -> list[int]:
-        """Start a new assignment epoch for each partition (keys -> committed offset, -1 for none);
-        older messages are fenced, and the committed offset becomes the floor of done records."""
+        """Register lanes for the workers (again: a ledger that lost them gets them back)."""
+        if not lanes:
+            return
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for keys, committed in partitions.items():
-                    pipe.incr(keys.epoch)
-                    pipe.delete(keys.attempts, keys.staged)
-                    pipe.set(keys.floor, committed)
-                return [int(v) for v in pipe.execute()[::3]]
+                pipe.hset(LANES_KEY, mapping=cast(Any, dict(lanes)))
+                self._seen_lanes(keys=[LANES_SEEN_KEY], args=list(lanes), client=pipe)
+                pipe.execute()
+        except redis.RedisError as e:
+            raise _failure("registering lanes", e) from e
+
+    def forget_lanes(self, older_than_ms: int) -> list[str]:
+        """Drop lanes no bridge has registered for ``older_than_ms`` (deleted partitions)."""
+        try:
+            gone = cast(list[str], self._expired_lanes(keys=[LANES_SEEN_KEY], args=[older_than_ms]))
+            if gone:
+                self.client.hdel(LANES_KEY, *gone)
+        except redis.RedisError as e:
+            raise _failure("forgetting lanes", e) from e
+        return list(gone)
+
+    def bump_epochs(self, partitions: Mapping[PartitionKeys, tuple[int, int]]) -> list[int]:
+        """Start a new assignment epoch for each partition: keys -> (committed offset or -1, the
+        last epoch this bridge knew for it or 0). Older messages are fenced, and the committed
+        offset becomes the floor of done records."""
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, (committed, known) in partitions.items():
+                    self._run("bump", keys, [committed, known], client=pipe)
+                return [int(v) for v in pipe.execute()]
         except redis.RedisError as e:
             raise _failure("bumping epochs", e) from e
+
+    def epochs(self, partitions: Sequence[PartitionKeys]) -> list[int | None]:
+        """The current epoch of each partition; None where the ledger has none (lost)."""
+        if not partitions:
+            return []
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys in partitions:
+                    pipe.get(keys.epoch)
+                return [int(v) if v is not None else None for v in pipe.execute()]
+        except redis.RedisError as e:
+            raise _failure("reading epochs", e) from e
+
+    def retire(self, partitions: Sequence[PartitionKeys], ttl: int) -> None:
+        """Let the keys of partitions this bridge gave up expire unless a new owner takes them
+        (its epoch bump keeps them): a deleted partition leaves nothing behind."""
+        if not partitions:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys in partitions:
+                    for key in keys.script_keys:
+                        pipe.expire(key, ttl)
+                pipe.execute()
+        except redis.RedisError as e:
+            raise _failure("retiring partitions", e) from e
+
+    def handover(
+        self, partitions: Mapping[PartitionKeys, tuple[int, int]], live: float
+    ) -> dict[PartitionKeys, Handover]:
+        """For each partition (keys -> (epoch, first offset)), in one round trip: the records of
+        older epochs still running, and the done and finally failed offsets from that offset on."""
+        items = list(partitions.items())
+        if not items:
+            return {}
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, (epoch, start) in items:
+                    self._run("handover", keys, [epoch, int(live * 1000), max(start, 0)], client=pipe)
+                replies = pipe.execute()
+        except redis.RedisError as e:
+            raise _failure("reading the ledger for newly assigned partitions", e) from e
+        result = {}
+        for (keys, _), (running, done, failed) in zip(items, replies, strict=True):
+            result[keys] = Handover(
+                running=sorted(int(o) for o in running),
+                done={int(o) for o in done},
+                failed=_pairs(failed),
+            )
+        return result
+
+    def stale(self, partitions: Mapping[PartitionKeys, Sequence[int]], timeout: float) -> dict[PartitionKeys, Stale]:
+        """Look at dispatched records that showed no progress, one round trip for all partitions:
+        done or failed meanwhile, or without a sign of life for ``timeout`` (judged on the Redis
+        clock; a scheduled retry's sign of life is its eta): those get a new attempt number."""
+        items = [(keys, offsets) for keys, offsets in partitions.items() if offsets]
+        if not items:
+            return {}
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, offsets in items:
+                    self._run("stale", keys, [int(timeout * 1000), *offsets], client=pipe)
+                replies = pipe.execute()
+        except redis.RedisError as e:
+            raise _failure("checking records without progress", e) from e
+        result = {}
+        for (keys, _), (done, failed, again) in zip(items, replies, strict=True):
+            numbers = [int(v) for v in again]
+            result[keys] = Stale(
+                Progress([int(o) for o in done], _pairs(failed)),
+                dict(zip(numbers[::2], numbers[1::2], strict=True)),
+            )
+        return result
+
+    def fail(self, failures: Mapping[PartitionKeys, Sequence[tuple[int, int, Mapping[str, Any]]]]) -> None:
+        """Record final failures the bridge decided itself: keys -> (offset, epoch, detail)."""
+        items = [(keys, found) for keys, found in failures.items() if found]
+        if not items:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, found in items:
+                    for offset, epoch, detail in found:
+                        args = [offset, epoch, failure_json(epoch, detail), keys.finished_channel]
+                        self._run("fail", keys, args, client=pipe)
+                pipe.execute()
+        except redis.RedisError as e:
+            raise _failure("recording failures", e) from e
+
+    def stage(
+        self,
+        epochs: Mapping[PartitionKeys, int],
+        staged: Mapping[PartitionKeys, Sequence[tuple[int, str]]],
+        live: float,
+    ) -> dict[PartitionKeys, list[int]]:
+        """Stage records behind their predecessors, one round trip for all partitions. Returns,
+        per partition, the indexes of records whose predecessor had released them already: those
+        belong on the lane."""
+        items = [(keys, pairs) for keys, pairs in staged.items() if pairs]
+        if not items:
+            return {}
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, pairs in items:
+                    args: list[Any] = [epochs[keys], int(live * 1000)]
+                    args += [v for prev, value in pairs for v in (prev, value)]
+                    self._run("stage", keys, args, client=pipe)
+                replies = pipe.execute()
+        except redis.RedisError as e:
+            raise _failure("staging records", e) from e
+        return {keys: [int(i) - 1 for i in late] for (keys, _), late in zip(items, replies, strict=True)}
 
     def running(self, keys: PartitionKeys) -> dict[int, dict[str, Any]]:
         try:
@@ -299,30 +362,6 @@ class Ledger:
         except redis.RedisError as e:
             raise _failure(f"reading running records of {keys.topic}[{keys.partition}]", e) from e
         return {int(k): json.loads(v) for k, v in raw.items()}
-
-    def last_seen(self, keys: PartitionKeys, offsets: Sequence[int]) -> dict[int, int]:
-        """Wall-clock milliseconds of the latest start or heartbeat of each running offset."""
-        if not offsets:
-            return {}
-        starts, beats = self._per_offset(keys, offsets, "liveness", keys.running, keys.beats)
-        seen: dict[int, int] = {}
-        for offset, start, beat in zip(offsets, starts, beats, strict=True):
-            times = [int(json.loads(start)["t"])] if start else []
-            if beat:
-                times.append(int(beat))
-            if times:
-                seen[offset] = max(times)
-        return seen
-
-    def next_attempt(self, keys: PartitionKeys, offset: int) -> int:
-        """Number a new copy of ``offset``; workers refuse to start older copies."""
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.hsetnx(keys.attempts, str(offset), 1)
-                pipe.hincrby(keys.attempts, str(offset), 1)
-                return int(pipe.execute()[1])
-        except redis.RedisError as e:
-            raise _failure(f"re-dispatching {keys.topic}[{keys.partition}]@{offset}", e) from e
 
     def ping(self) -> None:
         try:
@@ -369,16 +408,6 @@ class Ledger:
             raise _failure("reading ledger progress", e) from e
         return result
 
-    def progress(self, keys: PartitionKeys, offsets: Sequence[int]) -> Progress:
-        """Which of ``offsets`` are done or finally failed: the full check behind the
-        notifications of :meth:`completions`."""
-        if not offsets:
-            return Progress([], {})
-        scores, details = self._per_offset(keys, offsets, "progress", keys.done, keys.failed)
-        done = [o for o, score in zip(offsets, scores, strict=True) if score is not None]
-        failed = {o: json.loads(v) for o, v, score in zip(offsets, details, scores, strict=True) if v and score is None}
-        return Progress(done, failed)
-
     def settle(self, keys: PartitionKeys, offsets: Iterable[int]) -> None:
         """Turn final failures the bridge has handled into done facts."""
         offsets = list(offsets)
@@ -395,66 +424,53 @@ class Ledger:
 
     def prune(self, committed: Mapping[PartitionKeys, int]) -> None:
         """Forget facts below each committed offset; Kafka's committed offset covers them."""
+        if not committed:
+            return
         try:
-            for keys, offset in committed.items():
-                self._prune(
-                    keys=[keys.done, keys.floor, keys.failed, keys.attempts, keys.beats, keys.staged], args=[offset]
-                )
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, offset in committed.items():
+                    self._run("prune", keys, [offset], client=pipe)
+                pipe.execute()
         except redis.RedisError as e:
             raise _failure("pruning ledger", e) from e
 
-    def _per_offset(
-        self, keys: PartitionKeys, offsets: Sequence[int], doing: str, first: str, second: str
-    ) -> tuple[list[Any], list[Any]]:
-        """One value per offset from each of two keys (a sorted set's scores, or a hash's fields)."""
-        fields = [str(o) for o in offsets]
+    def time_ms(self) -> int:
+        """The Redis clock, the one every bridge, worker and ``status`` compares against."""
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for key in (first, second):
-                    (pipe.zmscore if key == keys.done else pipe.hmget)(key, fields)
-                a, b = pipe.execute()
+            seconds, micros = self.client.time()
         except redis.RedisError as e:
-            raise _failure(f"reading {doing} of {keys.topic}[{keys.partition}]", e) from e
-        return a, b
+            raise _failure("reading the ledger's clock", e) from e
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def publish_status(self, key: str, entries: Mapping[str, str]) -> None:
-        self._hset(key, entries, "publishing status")
-
-    def _hset(self, key: str, fields: Mapping[str, str], doing: str) -> None:
-        if not fields:
+        if not entries:
             return
         try:
-            self.client.hset(key, mapping=cast(Any, dict(fields)))
+            self.client.hset(key, mapping=cast(Any, dict(entries)))
         except redis.RedisError as e:
-            raise _failure(f"{doing}", e) from e
+            raise _failure("publishing status", e) from e
 
 
-def _script_keys(keys: PartitionKeys) -> list[str]:
-    """The keys of the start and finish scripts, in the order of their prelude."""
-    return [
-        keys.epoch,
-        keys.done,
-        keys.running,
-        keys.attempts,
-        keys.failed,
-        keys.floor,
-        keys.fresh,
-        keys.beats,
-        keys.staged,
-    ]
+# KEYS: the lanes' last-registration zset. ARGV: lane names.
+_SEEN_LANES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, lane in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, lane) end
+return 1
+"""
+
+# KEYS: the lanes' last-registration zset. ARGV: age in ms. Takes the lanes not registered since.
+_EXPIRED_LANES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return gone
+"""
 
 
-def staged_value(offset: int, epoch: int, attempt: int, body: bytes) -> str:
-    """How a staged record is stored: offset, epoch, attempt and its encoded message."""
-    return f"{offset}|{epoch}|{attempt}|{body.decode()}"
-
-
-def _running_entry(epoch: int, worker: str, attempt: int, retries: int = 0) -> str:
-    return json.dumps({"e": epoch, "w": worker, "t": _now_ms(), "a": attempt, "r": retries})
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _pairs(flat: Sequence[Any]) -> dict[int, dict[str, Any]]:
+    return {int(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _failure(what: str, error: redis.RedisError) -> LedgerUnavailable:

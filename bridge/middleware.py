@@ -17,16 +17,18 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+import uuid
+from dataclasses import replace
+from typing import Any, Literal
 
 import dramatiq
 from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, Retries, SkipMessage
 
 try:  # the work queue's item type, to put an unparked record ahead of the queue
     from dramatiq.worker import _WorkQueueItem
-except ImportError:  # pragma: no cover - another dramatiq version: its consumer's handle_message
+except ImportError:  # pragma: no cover - another dramatiq version: records go back on their lanes
     _WorkQueueItem = None  # type: ignore[assignment,misc]
 
 from . import codecs
@@ -34,17 +36,19 @@ from .codecs import DecodeError
 from .errors import LedgerUnavailable
 from .handlers import handler_for_actor, handlers_by_topic
 from .keys import PartitionKeys
-from .ledger import Ledger, StartResult, connect
+from .ledger import Beats, Finished, Ledger, StartResult, Try, connect
 from .logs import coordinates
 from .parking import Parking
+from .protocol import OPTION, Meta, ProtocolError, UnknownVersion, meta_of, registration_json
 from .record import ENVELOPE_MARK, open_envelope, prepare
+
+__all__ = ["OPTION", "LedgerMiddleware", "install"]
 
 logger = logging.getLogger("bridge.worker")
 
-#: Message option that carries the bridge's coordinates: group, topic, partition, offset, epoch,
-#: and optionally attempt ("a") and the offset of the predecessor that must finish first ("pv").
-OPTION = "kdb"
-
+#: How long a message of an unknown protocol version waits in the delay queue before it is offered
+#: to a worker again (one that knows the version, during a rolling upgrade).
+REFUSED_DELAY_MS = 10_000
 
 _counter: Any = None
 _counter_lock = threading.Lock()
@@ -75,36 +79,13 @@ def _failure_counter() -> Any:
         return _counter
 
 
-@dataclass(frozen=True, slots=True)
-class Coordinates:
-    keys: PartitionKeys
-    offset: int
-    epoch: int
-    attempt: int
-    prev: int
-    started: bool = False
-
-    @property
-    def where(self) -> str:
-        return f"{self.keys.topic}[{self.keys.partition}]@{self.offset}"
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return coordinates(self.keys.topic, self.keys.partition, self.offset)
-
-
-def _coordinates(message: Any) -> Coordinates | None:
-    meta = message.options.get(OPTION)
-    if not meta:
-        return None
-    keys = PartitionKeys(meta["g"], meta["t"], int(meta["p"]))
-    return Coordinates(
-        keys, int(meta["o"]), int(meta["e"]), int(meta.get("a", 1)), int(meta.get("pv", -1)), bool(meta.get("s"))
-    )
+def _keys(meta: Meta) -> PartitionKeys:
+    return PartitionKeys(meta.group, meta.topic, meta.partition)
 
 
 class LedgerMiddleware(Middleware):
-    """Writes start, success, final failure and skip of bridge messages to the ledger."""
+    """Writes start, success, final failure, scheduled retry and skip of bridge messages to the
+    ledger, and runs the next record of a partition (key) when the previous one finishes."""
 
     def __init__(
         self,
@@ -125,14 +106,17 @@ class LedgerMiddleware(Middleware):
         # Parked records handed back to the work queue and not yet started, by message id: a
         # shutdown puts those back on their lanes too (their messages are acknowledged).
         self._released: dict[str, Any] = {}
-        # Unparked records whose start the finish of their predecessor already recorded.
-        self._approved: set[str] = set()
+        # Of those, the ones whose start a finish recorded already: message id -> (token, retries).
+        self._approved: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        # Records running in this process, for the heartbeat: (keys, offset) -> count.
-        self._running: dict[tuple[PartitionKeys, int], int] = {}
+        # Copies running in this process, for the heartbeat: (keys, offset) -> token -> entry.
+        self._running: dict[tuple[PartitionKeys, int], dict[str, str]] = {}
+        # Records parked in this process waiting for their predecessor: (keys, offset) -> count.
+        self._parked: dict[tuple[PartitionKeys, int], int] = {}
+        self._refusals: dict[int, float] = {}
         self.ledger_write_failures = 0
 
     @property
@@ -192,13 +176,13 @@ class LedgerMiddleware(Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         with self._lock:
-            waiting = [(m, m.message_id in self._approved) for m in self._released.values()]
+            waiting = [(m, self._approved.get(m.message_id)) for m in self._released.values()]
             self._released.clear()
             self._approved.clear()
         if self._parking is not None:
-            waiting.extend((m, False) for m in self._parking.take_all())
-        for message, started in waiting:
-            self._requeue(message, started=started)
+            waiting.extend((m, None) for m in self._parking.take_all())
+        for message, approved in waiting:
+            self._requeue(message, token=approved[0] if approved else None)
         if waiting:
             logger.info("put %d parked records back on their lanes", len(waiting))
 
@@ -224,14 +208,17 @@ class LedgerMiddleware(Middleware):
                 next_beat = now + beats_every
 
     def _beat(self) -> None:
+        beats: dict[PartitionKeys, Beats] = {}
         with self._lock:
-            running: dict[PartitionKeys, list[int]] = {}
-            for keys, offset in self._running:
-                running.setdefault(keys, []).append(offset)
-        if not running:
+            for (keys, offset), copies in self._running.items():
+                found = beats.setdefault(keys, Beats())
+                found.running.extend((offset, token, entry) for token, entry in copies.items())
+            for keys, offset in self._parked:
+                beats.setdefault(keys, Beats()).parked.append(offset)
+        if not beats:
             return
         try:
-            self.ledger.beat(running)
+            self.ledger.beat(beats)
         except LedgerUnavailable as e:
             self._ledger_failed("heartbeat")
             logger.warning("heartbeat failed: %s", e)
@@ -258,44 +245,84 @@ class LedgerMiddleware(Middleware):
             self._ledger_failed("start")
             raise
 
+    def _skip(self, message: Any, reason: str) -> SkipMessage:
+        """Skip ``message`` on purpose: nothing is written for it, and dramatiq's warning is dropped."""
+        self._local.ours = message.message_id
+        return SkipMessage(reason)
+
     def _admit(self, message: Any) -> None:
         self._local.ours = None
-        if self._released:
-            with self._lock:
-                self._released.pop(message.message_id, None)
-        found = _coordinates(message)
-        if found is None:
+        self._local.copy = None
+        self._local.delay = None
+        approved = self._take_released(message.message_id)
+        try:
+            meta = meta_of(message)
+        except UnknownVersion as e:
+            self._refuse(message, e)
+            raise self._skip(message, str(e)) from None
+        except ProtocolError as e:
+            logger.error("not running message %s of actor %s: %s", message.message_id, message.actor_name, e)
+            raise self._skip(message, str(e)) from None
+        if meta is None:
             return
-        keys, offset, where = found.keys, found.offset, found.where
-        verdict: StartResult
-        if self._approved and message.message_id in self._approved:
-            with self._lock:
-                self._approved.discard(message.message_id)
-            verdict = "run"
-        elif found.started:
-            # The finish of its predecessor recorded its start; a retry of it starts anew.
-            message.options[OPTION] = {k: v for k, v in message.options[OPTION].items() if k != "s"}
-            verdict = "run"
-        elif found.prev < 0:
-            verdict = self.ledger.start(
-                keys, offset, found.epoch, _worker_id(), found.attempt, live=self._live, retries=_retries(message)
-            )
+        keys, where = _keys(meta), meta.where
+        retries = _retries(message)
+        if approved is not None:
+            # The finish of its predecessor recorded its start a moment ago, in this process.
+            token, known = approved
+            verdict: StartResult = "run"
         else:
-            verdict = self._start_after(found, message)
+            token = meta.token or _new_token()
+            verdict, known = self._start(meta, token, retries)
         if verdict == "wait":
             # Parked: the thread takes other work, the record runs once its predecessor finished.
-            self._local.ours = message.message_id
-            raise SkipMessage("parked until its predecessor finishes")
+            # Its heartbeat keeps the bridge from dispatching it again meanwhile.
+            with self._lock:
+                slot = (keys, meta.offset)
+                self._parked[slot] = self._parked.get(slot, 0) + 1
+            self.parking.park(keys.finished_channel, meta.prev, message)
+            raise self._skip(message, "parked until its predecessor finishes")
+        if verdict == "duplicate":
+            # Another copy of this record runs (a redelivery after a crash, a duplicate delivery):
+            # this one waits for it to finish, or to stop showing signs of life.
+            logger.debug("%s: another copy runs; waiting for it", where, extra=_extra(meta))
+            self.parking.park(keys.finished_channel, meta.offset, message)
+            raise self._skip(message, "waiting for a running copy")
         if verdict != "run":
             # fenced: the partition's new owner dispatches the record again; superseded: the
             # bridge dispatched a newer copy; done: a duplicate delivery of a finished record.
             # Nothing is written either way.
-            self._local.ours = message.message_id
-            logger.info("not running %s: %s (epoch %d, attempt %d)", where, verdict, found.epoch, found.attempt,
-                        extra=found.extra)
-            raise SkipMessage(verdict)
+            logger.info("not running %s: %s (epoch %d, attempt %d)", where, verdict, meta.epoch, meta.attempt,
+                        extra=_extra(meta))
+            raise self._skip(message, verdict)
+        if known > retries:
+            # It takes over from a copy that was retried or died: dramatiq's count goes on.
+            message.options["retries"] = retries = known
+        copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        self._local.copy = copy
         with self._lock:
-            self._running[(keys, offset)] = self._running.get((keys, offset), 0) + 1
+            entry = registration_json(meta.epoch, meta.attempt, retries, token, _worker_id())
+            self._running.setdefault((keys, meta.offset), {})[token] = entry
+        self._decode(message, meta)
+
+    def _start(self, meta: Meta, token: str, retries: int) -> tuple[StartResult, int]:
+        """Ask the ledger whether this copy may start; park it when its predecessor runs."""
+        keys = _keys(meta)
+        copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        if meta.prev < 0:
+            return self.ledger.start(keys, copy, _worker_id(), live=self._live)
+        channel, parking = keys.finished_channel, self.parking
+        parking.expect(channel, meta.prev)
+        try:
+            verdict, known = self.ledger.start(keys, copy, _worker_id(), meta.prev, live=self._live)
+        except BaseException:
+            parking.forget(channel, meta.prev)
+            raise
+        if verdict != "wait":
+            parking.forget(channel, meta.prev)
+        return verdict, known
+
+    def _decode(self, message: Any, meta: Meta) -> None:
         handler = handler_for_actor(message.actor_name)
         if handler is None or not message.args or not isinstance(message.args[0], dict):
             return
@@ -306,86 +333,128 @@ class LedgerMiddleware(Middleware):
             prepare(env, open_envelope(env, handler.key_codec, handler.value_codec))
         except DecodeError as e:
             # Retrying cannot fix undecodable bytes: fail now, never reach the actor.
-            logger.error("undecodable record %s for %s: %s", where, handler.name, e, extra=found.extra)
+            logger.error("undecodable record %s for %s: %s", meta.where, handler.name, e, extra=_extra(meta))
             message.options["kdb_error"] = {"type": "DecodeError", "message": str(e)}
             message.fail()
             raise SkipMessage(str(e)) from None
 
-    def _start_after(self, found: Coordinates, message: Any) -> StartResult:
-        """Start a record that names a predecessor; park it if the predecessor is unfinished."""
-        channel, parking = found.keys.finished_channel, self.parking
-        parking.expect(channel, found.prev)
-        try:
-            verdict = self.ledger.start(
-                found.keys,
-                found.offset,
-                found.epoch,
-                _worker_id(),
-                found.attempt,
-                found.prev,
-                live=self._live,
-                retries=_retries(message),
-            )
-        except BaseException:
-            parking.forget(channel, found.prev)
-            raise
-        if verdict != "wait":
-            parking.forget(channel, found.prev)
-            return verdict
+    def _refuse(self, message: Any, error: UnknownVersion) -> None:
+        """A message of a newer bridge: loudly put it back instead of running it under rules this
+        worker does not know. Its successors wait for it, so nothing runs out of order."""
+        raw = message.options.get(OPTION) or {}
+        where = f"{raw.get('t')}[{raw.get('p')}]@{raw.get('o')}"
+        now = time.monotonic()
         with self._lock:
-            # Parked counts as alive: the heartbeat covers it, so it is not dispatched again.
-            slot = (found.keys, found.offset)
-            self._running[slot] = self._running.get(slot, 0) + 1
-        parking.park(channel, found.prev, message)
-        return verdict
+            due = now - self._refusals.get(error.version, -1e9) >= 60.0
+            if due:
+                self._refusals[error.version] = now
+        if due:
+            logger.error(
+                "refusing %s: %s; upgrade this worker (workers before bridges). The record goes back to "
+                "its lane and is offered again every %ds",
+                where,
+                error,
+                REFUSED_DELAY_MS // 1000,
+            )
+        broker = self._broker or dramatiq.get_broker()
+        try:
+            broker.enqueue(_plain(message), delay=REFUSED_DELAY_MS)
+        except Exception as e:
+            logger.error("could not put %s back on its lane (the bridge dispatches it again): %s", where, e)
 
-    def _unpark(self, message: Any, *, started: bool = False) -> bool:
-        """Run a record on this worker's own work queue, else put it back on its lane (then
-        ``started`` marks a record whose start is recorded already). True when queued here."""
-        found = _coordinates(message)
-        if found is not None:
-            self._forget((found.keys, found.offset))
+    def _take_released(self, message_id: str) -> tuple[str, int] | None:
+        """Forget a record handed back to the work queue; its recorded start, if any."""
+        if not self._released:
+            return None
+        with self._lock:
+            self._released.pop(message_id, None)
+            return self._approved.pop(message_id, None)
+
+    def _unpark(self, message: Any, *, token: str | None = None) -> bool:
+        """Run a record again: on this worker's own work queue (Redis broker), else back on its
+        lane. ``token`` names the start a finish recorded for it. True when queued here."""
+        self._forget_parked(message)
         consumer = self._worker.consumers.get(message.queue_name) if self._worker is not None else None
-        if consumer is None or self._stopping:
-            self._requeue(message, started=started)
+        queue = getattr(self._worker, "work_queue", None)
+        local = isinstance(self._broker, RedisBroker) and _WorkQueueItem is not None and queue is not None
+        if consumer is None or self._stopping or not local:
+            # Other brokers acknowledge by delivery (a RabbitMQ tag): a message they did not just
+            # deliver goes back through the broker instead.
+            self._requeue(message, token=token)
             return False
         with self._lock:
             self._released[message.message_id] = message
-        proxy = MessageProxy(message._message) if isinstance(message, MessageProxy) else MessageProxy(message)
-        queue = getattr(self._worker, "work_queue", None)
-        if _WorkQueueItem is not None and queue is not None:
-            # The head of its partition: ahead of records that would only park again.
-            queue.put(_WorkQueueItem(-(1 << 62), proxy))
-        else:
-            consumer.handle_message(proxy)
+            if token is not None:
+                self._approved[message.message_id] = (token, _retries(message))
+        proxy = MessageProxy(_plain(message))
+        # The head of its partition: ahead of records that would only park again.
+        assert queue is not None
+        queue.put(_WorkQueueItem(-(1 << 62), proxy))
         return True
 
-    def _requeue(self, message: Any, *, started: bool = False) -> None:
-        """Put a record back on its lane; ``started``: its start is recorded already."""
-        if started:
-            message.options[OPTION] = {**message.options[OPTION], "s": 1}
+    def _forget_parked(self, message: Any) -> None:
+        try:
+            meta = meta_of(message)
+        except ProtocolError:
+            return
+        if meta is None:
+            return
+        slot = (_keys(meta), meta.offset)
+        with self._lock:
+            count = self._parked.pop(slot, 0)
+            if count > 1:
+                self._parked[slot] = count - 1
+
+    def _requeue(self, message: Any, *, token: str | None = None) -> None:
+        """Put a record back on its lane; ``token`` names the start recorded for it already."""
+        plain = _plain(message)
+        meta = meta_of(plain)
+        if meta is not None:
+            plain = plain.copy(options={OPTION: replace(meta, token=token).to_option()})
         broker = self._broker or dramatiq.get_broker()
         try:
-            broker.enqueue(message._message if isinstance(message, MessageProxy) else message)
+            broker.enqueue(plain)
         except Exception as e:
             # Its heartbeat stops with it: the bridge dispatches the record again after its
             # re-dispatch timeout.
             logger.error("could not put a parked record back on lane %s: %s", message.queue_name, e)
 
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        # Retries re-enqueues a failed try with its backoff from inside after_process_message,
+        # in this thread, just before this middleware's own after_process_message runs.
+        if delay and OPTION in message.options:
+            self._local.delay = delay
+
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
+        self._take_released(message.message_id)
+        copy, self._local.copy = getattr(self._local, "copy", None), None
+        if copy is None:
+            return
         if exception is None:
-            self._finish(message, "done")
+            self._finish(message, "done", copy=copy)
         elif message.failed:
-            self._finish(message, "failed", exception)
+            self._finish(message, "failed", exception, copy=copy)
         else:
-            self._finish(message, "retry")
+            delay, self._local.delay = getattr(self._local, "delay", None), None
+            self._finish(message, "retry", copy=copy, delay_ms=int(delay or 0))
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        approved = self._take_released(message.message_id)
+        copy, self._local.copy = getattr(self._local, "copy", None), None
         if getattr(self._local, "ours", None) == message.message_id:
             return
-        self._finish(message, "failed" if message.failed else "done")
+        if copy is None and approved is not None:
+            # Skipped before this middleware saw it, with a start recorded on its behalf.
+            try:
+                meta = meta_of(message)
+            except ProtocolError:
+                meta = None
+            if meta is not None:
+                copy = Try(meta.offset, meta.epoch, meta.attempt, _retries(message), approved[0])
+        # Skipped by another middleware, before or after this one's start: a final state.
+        self._finish(message, "failed" if message.failed else "done", copy=copy)
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         # Every final failure passes here, including ones that never reached process hooks
@@ -394,18 +463,37 @@ class LedgerMiddleware(Middleware):
             return
         self._finish(message, "failed", getattr(message, "_exception", None))
 
-    def _forget(self, slot: tuple[PartitionKeys, int]) -> None:
+    def _forget_running(self, keys: PartitionKeys, offset: int, token: str) -> None:
         with self._lock:
-            count = self._running.pop(slot, 0)
-            if count > 1:
-                self._running[slot] = count - 1
+            copies = self._running.get((keys, offset))
+            if copies is not None:
+                copies.pop(token, None)
+                if not copies:
+                    del self._running[(keys, offset)]
 
-    def _finish(self, message: Any, outcome: str, exception: BaseException | None = None) -> None:
-        found = _coordinates(message)
-        if found is None:
+    def _finish(
+        self,
+        message: Any,
+        outcome: Literal["done", "failed", "retry"],
+        exception: BaseException | None = None,
+        *,
+        copy: Try | None = None,
+        delay_ms: int = 0,
+    ) -> None:
+        try:
+            meta = meta_of(message)
+        except ProtocolError:
             return
-        keys, offset = found.keys, found.offset
-        self._forget((keys, offset))
+        if meta is None:
+            return
+        keys, offset = _keys(meta), meta.offset
+        if copy is None:
+            # Never started here (skipped or refused before its start): it holds no registration.
+            copy = Try(offset, meta.epoch, meta.attempt, _retries(message), "")
+        else:
+            self._forget_running(keys, offset, copy.token)
+            # Retries has counted this try already: a retry registers the next try's count.
+            copy = replace(copy, retries=_retries(message))
         detail: dict[str, Any] = {}
         if outcome == "failed":
             error = message.options.get("kdb_error")
@@ -419,60 +507,85 @@ class LedgerMiddleware(Middleware):
         channel = keys.finished_channel
         # A successor parked in this process is started by the same round trip.
         claimed = self.parking.claim(channel, offset) if outcome != "retry" and self._parking else []
-        successor = next((m for m in claimed if (c := _coordinates(m)) is not None and c.prev == offset), None)
-        start = None
+        successor = next((m for m in claimed if _prev_of(m) == offset), None)
+        parked: Try | None = None
         if successor is not None:
-            c = _coordinates(successor)
-            assert c is not None
-            start = (c.offset, c.epoch, _worker_id(), c.attempt, _retries(successor))
-        staged: bytes | None = None
+            found = meta_of(successor)
+            assert found is not None
+            parked = Try(found.offset, found.epoch, found.attempt, _retries(successor), _new_token())
+        staged_token = _new_token()
+        finished: Finished | None
         try:
-            verdict, staged = self.ledger.finish(
+            finished = self.ledger.finish(
                 keys,
-                offset,
+                copy,
                 outcome,
-                detail,
-                start,
-                handoff=self._worker is not None,
+                detail=detail,
+                delay_ms=delay_ms,
                 worker=_worker_id(),
+                handoff=self._worker is not None,
+                successor_token=staged_token,
+                parked=parked,
                 live=self._live,
             )
         except LedgerUnavailable as e:
             self._ledger_failed("finish")
-            logger.error("%s: ledger write failed (%s), the bridge will dispatch it again: %s", found.where, outcome, e,
-                         extra=found.extra)
-            verdict = None
-            successor = None
-        for parked in claimed:
-            if parked is not successor:
-                self._unpark(parked)
-        if successor is not None:
-            self._hand_over(successor, verdict)
-        elif staged is not None:
-            self._hand_over(MessageProxy(dramatiq.Message.decode(staged)), verdict)
+            logger.error("%s: ledger write failed (%s), the bridge will dispatch it again: %s", meta.where, outcome, e,
+                         extra=_extra(meta))
+            finished = None
+        for waiting in claimed:
+            if waiting is not successor or finished is None:
+                self._unpark(waiting)
+        if finished is not None:
+            if successor is not None and parked is not None:
+                self._hand_over(successor, finished.parked, parked.token, finished.retries)
+            if finished.body is not None:
+                staged = MessageProxy(dramatiq.Message.decode(finished.body))
+                self._hand_over(staged, finished.staged, staged_token, finished.retries)
         if outcome != "retry":
             self.parking.announce(channel, offset)
 
-    def _hand_over(self, successor: Any, verdict: StartResult | None) -> None:
-        """Run the successor whose start the finish decided, or drop it if it must not run."""
+    def _hand_over(self, successor: Any, verdict: StartResult | None, token: str, retries: int) -> None:
+        """Run the successor whose start a finish decided, or drop it if it must not run."""
         if verdict == "run":
-            with self._lock:
-                self._approved.add(successor.message_id)
-            if not self._unpark(successor, started=True):
-                with self._lock:
-                    self._approved.discard(successor.message_id)
-        elif verdict in (None, "wait"):
+            if retries > _retries(successor):
+                successor.options["retries"] = retries
+            self._unpark(successor, token=token)
+        elif verdict in ("wait", "duplicate"):
             self._unpark(successor)
-        else:
-            found = _coordinates(successor)
+        elif verdict is not None:
+            found = meta_of(successor)
             if found is not None:
-                self._forget((found.keys, found.offset))
-                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch, extra=found.extra)
+                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch, extra=_extra(found))
+
+
+def _prev_of(message: Any) -> int | None:
+    try:
+        meta = meta_of(message)
+    except ProtocolError:
+        return None
+    return meta.prev if meta is not None else None
+
+
+def _plain(message: Any) -> dramatiq.Message[Any]:
+    """The message under a broker's proxy (a RabbitMQ delivery, a MessageProxy)."""
+    while isinstance(message, MessageProxy):
+        message = message._message
+    assert isinstance(message, dramatiq.Message)
+    return message
+
+
+def _extra(meta: Meta) -> dict[str, Any]:
+    return coordinates(meta.topic, meta.partition, meta.offset)
 
 
 def _retries(message: Any) -> int:
     """dramatiq's retry count of a message: its copies for retries are not duplicates."""
     return int(message.options.get("retries", 0) or 0)
+
+
+def _new_token() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _worker_id() -> str:

@@ -71,7 +71,9 @@ class Parking:
                     del self._slots[(channel, offset)]
 
     def park(self, channel: str, offset: int, message: Any) -> None:
-        """Hold ``message`` until ``offset`` is announced (after :meth:`expect`)."""
+        """Hold ``message`` until ``offset`` is announced (after :meth:`expect`, or else found by
+        the recheck)."""
+        self._ensure_listener()
         with self._lock:
             slot = self._slots.setdefault((channel, offset), _Slot())
             slot.expecting = max(slot.expecting - 1, 0)

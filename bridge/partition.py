@@ -46,6 +46,11 @@ class Entry:
     prev: int = -1
 
 
+def _settled(entry: Entry) -> bool:
+    """Nothing to dispatch: done, or released without a dispatch (withdrawn)."""
+    return entry.done or (entry.released and not entry.dispatched)
+
+
 @dataclass(slots=True)
 class _KeyQueue:
     entries: deque[Entry] = field(default_factory=deque)
@@ -115,16 +120,19 @@ class PartitionState:
             entry.payload = None
             return entry
         self.open += 1
+        self._enqueue(entry)
+        return entry
+
+    def _enqueue(self, entry: Entry) -> None:
         if self.ordering == "none":
             self._fifo.append(entry)
-        else:
-            queue = self._queues.get(entry.group)
-            if queue is None:
-                queue = self._queues[entry.group] = _KeyQueue()
-            queue.entries.append(entry)
-            if queue.running < self.depth and len(queue.entries) == 1:
-                self._push_ready(entry)
-        return entry
+            return
+        queue = self._queues.get(entry.group)
+        if queue is None:
+            queue = self._queues[entry.group] = _KeyQueue()
+        queue.entries.append(entry)
+        if queue.running < self.depth and len(queue.entries) == 1:
+            self._push_ready(entry)
 
     def _push_ready(self, entry: Entry) -> None:
         self._seq += 1
@@ -138,7 +146,7 @@ class PartitionState:
         if self.ordering == "none":
             while self._fifo and len(taken) < limit:
                 entry = self._fifo.popleft()
-                if not entry.done:
+                if not entry.done and not entry.released:
                     taken.append(entry)
         else:
             while self._ready and len(taken) < limit:
@@ -146,7 +154,7 @@ class PartitionState:
                 queue = self._queues.get(group)
                 if queue is None or queue.running >= self.depth:
                     continue
-                while queue.entries and queue.entries[0].done:
+                while queue.entries and _settled(queue.entries[0]):
                     queue.entries.popleft()
                 if not queue.entries:
                     self._drop_if_idle(group, queue)
@@ -219,6 +227,32 @@ class PartitionState:
             new += 1
         return new
 
+    def withdraw(self, entry: Entry) -> None:
+        """Never dispatch ``entry``: its final state is known already (a failure recorded under an
+        older assignment). It stays unfinished until :meth:`mark_done`."""
+        if entry.dispatched:
+            self.release(entry)
+        entry.released = True
+
+    def restart(self, epoch: int) -> int:
+        """Start a new epoch in place (the ledger lost this partition's state): every record
+        dispatched and not yet in a final state is dispatched again, in order, under ``epoch``.
+        Returns how many."""
+        self.epoch = epoch
+        again = [e for e in self._entries if e.dispatched and not e.done and not e.released]
+        pending = [e for e in self._entries if not e.done and not e.released]
+        for entry in again:
+            entry.dispatched = False
+            entry.attempts = 0
+        self.dispatched_open = 0
+        self._fifo.clear()
+        self._queues.clear()
+        self._ready.clear()
+        for entry in pending:
+            entry.prev = -1
+            self._enqueue(entry)
+        return len(again)
+
     def release(self, entry: Entry) -> None:
         """Let the next record of the entry's partition (key) run; the entry stays undone."""
         if not entry.dispatched or entry.released or entry.done:
@@ -233,7 +267,7 @@ class PartitionState:
         if queue is None:
             return
         queue.running -= 1
-        while queue.entries and queue.entries[0].done:
+        while queue.entries and _settled(queue.entries[0]):
             queue.entries.popleft()
         if queue.entries:
             if queue.running == self.depth - 1:

@@ -26,6 +26,7 @@ from typing import Any
 import dramatiq
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
+from . import protocol
 from .consumer import consumer_config, is_cooperative
 from .deadletter import DeadLetters, Outcome, dead_letter_headers
 from .denied import access_denied
@@ -41,12 +42,12 @@ from .errors import (
 )
 from .handlers import Handler, run_hooks
 from .keys import PartitionKeys, lane_name, status_key
-from .ledger import Ledger, Progress, connect, staged_value
+from .ledger import Ledger, Progress, connect
 from .logs import coordinates
 from .metrics import Metrics, PartitionView, View
-from .middleware import OPTION
 from .partition import Entry, PartitionState
 from .probe import Probe
+from .protocol import OPTION, Meta, Reason, failure_epoch, staged_value
 from .record import envelope
 from .settings import Settings
 from .stats import Stats
@@ -57,6 +58,13 @@ TP = tuple[str, int]
 
 #: Errors after which the bridge pauses, keeps its group membership, and retries with backoff.
 _OUTAGES = (LedgerUnavailable, TaskBrokerUnavailable)
+
+#: Seconds the ledger keeps the keys of a partition nobody owns (a deleted topic or partition);
+#: a new owner's epoch bump keeps them for good.
+RETIRED_PARTITION_TTL = 7 * 86400
+
+#: How many records a re-dispatch summary names.
+_NAMED = 10
 
 
 class _BatchFailed(Exception):
@@ -87,6 +95,9 @@ class Owned:
     needs_setup: bool = False
     handing_over: bool = True
     handover_deadline: float = 0.0
+    #: No handover before this time (after a ledger loss, workers need a heartbeat to register
+    #: the records they are running again).
+    handover_after: float = 0.0
     waiting_logged: bool = False
     paused: bool = False
     confirmed: int = -1
@@ -94,10 +105,19 @@ class Owned:
     pruned: int = -1
     #: Final failures on their way to the dead-letter topic, by offset.
     failing: dict[int, Entry] = field(default_factory=dict)
+    #: Final failures recorded under an older assignment for records not delivered yet: they are
+    #: dead-lettered as they arrive, never run again.
+    adopted: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: The ledger handed this partition to a newer owner before Kafka told this bridge.
+    fenced: bool = False
 
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+    @property
+    def key(self) -> TP:
+        return (self.topic, self.partition)
 
     @property
     def where(self) -> str:
@@ -146,6 +166,9 @@ class Bridge:
         self._next_progress = 0.0
         self._next_handover_check = 0.0
         self._next_redispatch_check = 0.0
+        self._next_upkeep = 0.0
+        #: The last epoch this bridge knew for each partition, so a new one is always higher.
+        self._epochs: dict[TP, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -277,6 +300,9 @@ class Bridge:
             self._next_idle_ping = now + 1.0
             self.ledger.ping()
         self._setup_pending(now)
+        if now >= self._next_upkeep:
+            self._upkeep()
+            self._next_upkeep = now + self.settings.lane_refresh_interval
         if now >= self._next_handover_check:
             self._check_handovers(now)
             self._next_handover_check = now + 0.05
@@ -384,13 +410,19 @@ class Bridge:
         key, value, headers = message.key(), message.value(), message.headers()
         ts_type, ts = message.timestamp()
         size = len(key or b"") + len(value or b"") + sum(len(n) + len(v or b"") for n, v in headers or ())
-        owned.state.deliver(
+        entry = owned.state.deliver(
             message.offset(),
             key,
             envelope(owned.topic, owned.partition, message.offset(), key, value, headers, ts if ts_type else None),
             size,
         )
         self.stats.delivered += 1
+        if owned.adopted and not entry.done:
+            detail = owned.adopted.pop(entry.offset, None)
+            if detail is not None:
+                # Failed for good under the previous owner, which did not get to dead-letter it.
+                owned.state.withdraw(entry)
+                self._fail(owned, entry, time.monotonic(), _reason_of(detail), detail)
 
     def _on_consume_error(self, message: Any, error: KafkaError) -> None:
         where = f"{message.topic()}[{message.partition()}]" if message.topic() else "consumer"
@@ -434,31 +466,43 @@ class Bridge:
     def _dispatch(self, now: float) -> None:
         room = self.settings.max_in_flight - sum(o.state.dispatched_open for o in self.owned.values())
         batch: list[tuple[Owned, Entry, int]] = []
+        refused: list[tuple[Owned, Entry, dict[str, Any]]] = []
+        taken_all: list[tuple[Owned, Entry]] = []
         for owned in self.owned.values():
             if room <= 0:
                 break
-            if owned.handing_over or not owned.state.has_ready():
+            if owned.handing_over or owned.fenced or not owned.state.has_ready():
                 continue
             taken = owned.state.take_ready(room, now)
             room -= len(taken)
             for entry in taken:
+                taken_all.append((owned, entry))
                 if entry.size > self.settings.max_message_bytes:
-                    self._fail(
-                        owned,
-                        entry,
-                        now,
-                        "too-large",
-                        {
-                            "error": {
-                                "type": "RecordTooLarge",
-                                "message": f"{entry.size} bytes exceed BRIDGE_MAX_MESSAGE_BYTES "
-                                f"({self.settings.max_message_bytes})",
-                            },
-                            "attempts": 0,
+                    detail = {
+                        "error": {
+                            "type": "RecordTooLarge",
+                            "message": f"{entry.size} bytes exceed BRIDGE_MAX_MESSAGE_BYTES "
+                            f"({self.settings.max_message_bytes})",
                         },
-                    )
+                        "attempts": 0,
+                        "reason": Reason.TOO_LARGE.value,
+                    }
+                    refused.append((owned, entry, detail))
                     continue
                 batch.append((owned, entry, 1))
+        if refused:
+            # In the ledger first, so the successor waiting for the record starts at once.
+            failures: dict[PartitionKeys, list[tuple[int, int, dict[str, Any]]]] = {}
+            for owned, entry, detail in refused:
+                failures.setdefault(owned.keys, []).append((entry.offset, owned.state.epoch, detail))
+            try:
+                self.ledger.fail(failures)
+            except LedgerUnavailable:
+                for owned, entry in reversed(taken_all):
+                    owned.state.undispatch(entry)
+                raise
+            for owned, entry, detail in refused:
+                self._fail(owned, entry, now, Reason.TOO_LARGE.value, detail)
         try:
             self._enqueue(batch)
         except _BatchFailed as e:
@@ -473,23 +517,22 @@ class Bridge:
             self.stats.add("dispatched", owned.topic)
 
     def _message(self, owned: Owned, entry: Entry, attempt: int) -> dramatiq.Message[Any]:
-        meta: dict[str, Any] = {
-            "g": self.settings.group_id,
-            "t": owned.topic,
-            "p": owned.partition,
-            "o": entry.offset,
-            "e": owned.state.epoch,
-        }
-        if attempt > 1:
-            meta["a"] = attempt
-        if entry.prev >= 0:
-            meta["pv"] = entry.prev
+        meta = Meta(
+            group=self.settings.group_id,
+            topic=owned.topic,
+            partition=owned.partition,
+            offset=entry.offset,
+            epoch=owned.state.epoch,
+            attempt=attempt,
+            prev=entry.prev,
+            version=protocol.VERSION,
+        )
         return dramatiq.Message(
             queue_name=owned.lane,
             actor_name=owned.handler.actor.actor_name,
             args=(entry.payload,),
             kwargs={},
-            options={OPTION: meta},
+            options={OPTION: meta.to_option()},
         )
 
     def _enqueue(self, batch: list[tuple[Owned, Entry, int]]) -> None:
@@ -537,8 +580,9 @@ class Bridge:
                 message = self._message(owned, entry, attempt)
                 body = message.copy(options={"redis_message_id": message.message_id}).encode()
                 pairs[keys].append((entry.prev, staged_value(entry.offset, owned.state.epoch, attempt, body)))
+        epochs = {part[indexes[0]][0].keys: part[indexes[0]][0].state.epoch for indexes in staged.values()}
         try:
-            late = self.ledger.stage(pairs)
+            late = self.ledger.stage(epochs, pairs, self._live)
         except LedgerUnavailable as e:
             raise _BatchFailed(start, e) from e
         for keys, indexes in late.items():
@@ -546,10 +590,12 @@ class Bridge:
         return sorted(lane)
 
     def _redispatch(self, now: float) -> None:
-        """Dispatch again records that show no sign of life for ``redispatch_timeout``."""
+        """Dispatch again records that show no sign of life for ``redispatch_timeout``: one
+        round trip for every partition, one summary line per round."""
         timeout = self.settings.redispatch_timeout
+        candidates: dict[PartitionKeys, tuple[Owned, list[Entry]]] = {}
         for owned in self.owned.values():
-            if owned.handing_over:
+            if owned.handing_over or owned.fenced:
                 continue
             # In ordered modes only the first unfinished record of a partition (key) can be lost:
             # the ones behind it wait, staged or parked, without a sign of life.
@@ -558,35 +604,41 @@ class Bridge:
                 for e in owned.state.dispatched_unfinished()
                 if e.failure is None and now - e.checked_at > timeout and owned.state.is_head(e)
             ]
-            if not stale:
-                continue
-            # Completion notices are a fast path; the done facts themselves decide.
-            self._apply_progress(owned, self.ledger.progress(owned.keys, [e.offset for e in stale]), now)
-            stale = [e for e in stale if not e.done and e.failure is None]
-            seen = self.ledger.last_seen(owned.keys, [e.offset for e in stale])
-            wall_ms = time.time() * 1000
-            again: list[tuple[Owned, Entry, int]] = []
-            for entry in stale:
-                last = seen.get(entry.offset)
+            if stale:
+                candidates[owned.keys] = (owned, stale)
+        if not candidates:
+            return
+        # Completion notices are a fast path; the done facts themselves decide. Liveness is
+        # judged on the ledger's clock, and a scheduled retry is alive until its eta.
+        answers = self.ledger.stale({k: [e.offset for e in found] for k, (_, found) in candidates.items()}, timeout)
+        again: list[tuple[Owned, Entry, int]] = []
+        for keys, answer in answers.items():
+            owned, found = candidates[keys]
+            for entry in found:
                 entry.checked_at = now
-                if last is not None and wall_ms - last < timeout * 1000:
-                    continue
-                attempt = self.ledger.next_attempt(owned.keys, entry.offset)
-                logger.warning(
-                    "%s@%d: no sign of life for %.0fs (its message was lost in the task broker or its "
-                    "worker died); dispatching it again as attempt %d",
-                    owned.where,
-                    entry.offset,
-                    timeout,
-                    attempt,
-                    extra=coordinates(owned.topic, owned.partition, entry.offset),
-                )
-                again.append((owned, entry, attempt))
-            try:
-                self._enqueue(again)
-            except _BatchFailed as e:
-                raise e.error from None
-            self.stats.add("redispatched", owned.topic, len(again))
+            self._apply_progress(owned, answer.progress, now)
+            for entry in found:
+                attempt = answer.again.get(entry.offset)
+                if attempt is not None and not entry.done and entry.failure is None:
+                    again.append((owned, entry, attempt))
+        if not again:
+            return
+        named = ", ".join(f"{o.where}@{e.offset}" for o, e, _ in again[:_NAMED])
+        more = f" and {len(again) - _NAMED} more" if len(again) > _NAMED else ""
+        logger.warning(
+            "dispatching %d record(s) again after no sign of life for %.0fs (their message was lost in the "
+            "task broker or their worker died): %s%s",
+            len(again),
+            timeout,
+            named,
+            more,
+        )
+        try:
+            self._enqueue(again)
+        except _BatchFailed as e:
+            raise e.error from None
+        for owned, _, _ in again:
+            self.stats.add("redispatched", owned.topic)
 
     def _apply_backpressure(self) -> None:
         total = sum(o.state.open for o in self.owned.values())
@@ -624,10 +676,21 @@ class Bridge:
             entry = owned.state.entry(offset)
             if entry is None or entry.done or entry.failure is not None:
                 continue
-            error_type = (detail.get("error") or {}).get("type")
-            self._fail(owned, entry, now, "undecodable" if error_type == "DecodeError" else "final-failure", detail)
+            epoch = failure_epoch(detail)
+            if epoch is not None and epoch < owned.state.epoch and entry.dispatched:
+                # The older owner's copy failed; this owner dispatched the record again, and its
+                # own copy decides (it runs once the older one stopped).
+                logger.debug("%s@%d: ignoring a failure of epoch %d", owned.where, offset, epoch)
+                continue
+            self._fail(owned, entry, now, _reason_of(detail), detail)
 
     # -- final failures and dead letters ----------------------------------------------------
+
+    @property
+    def _live(self) -> float:
+        """How recent a worker's sign of life must be for its record to count as running (the
+        workers use the same: three heartbeats)."""
+        return 3 * self.settings.heartbeat_interval
 
     def _fail(self, owned: Owned, entry: Entry, now: float, reason: str, detail: dict[str, Any]) -> None:
         """Route a final failure to the dead-letter topic; its offset waits for Kafka's ack."""
@@ -751,6 +814,8 @@ class Bridge:
         self._prune()
 
     def _commit_target(self, owned: Owned) -> int | None:
+        if owned.fenced:
+            return None
         target = owned.state.committable()
         if self.settings.unsafe_commit_at_dispatch and owned.state.last_dispatched >= 0:
             return max(target or 0, owned.state.last_dispatched + 1)
@@ -829,7 +894,10 @@ class Bridge:
         lanes = {lane_name(group, tp.topic, tp.partition): tp.topic for tp in committed}
         try:
             epochs: list[int] | None = self.ledger.bump_epochs(
-                {k: max(tp.offset, -1) for k, tp in zip(keys, committed, strict=True)}
+                {
+                    k: (max(tp.offset, -1), self._epochs.get((tp.topic, tp.partition), 0))
+                    for k, tp in zip(keys, committed, strict=True)
+                }
             )
             self.ledger.open_lanes(lanes)
         except LedgerUnavailable as e:
@@ -871,6 +939,7 @@ class Bridge:
             )
             if epochs is not None:
                 handler.actor.broker.declare_queue(lane)
+                self._epochs[(tp.topic, tp.partition)] = owned.state.epoch
             self.owned[(tp.topic, tp.partition)] = owned
             if self.probe:
                 self.probe.event("assigned", t=tp.topic, p=tp.partition, e=owned.state.epoch, start=start)
@@ -892,48 +961,107 @@ class Bridge:
         for tp in committed:
             run_hooks("assigned", tp.topic, tp.partition, group)
 
+    def _upkeep(self) -> None:
+        """Keep the ledger's shared state whole: register the lanes again (workers started after a
+        ledger loss must still find them), notice partitions whose epoch the ledger lost or moved
+        on, and drop lanes nobody registered for a long time."""
+        ready = [o for o in self.owned.values() if not o.needs_setup]
+        if not ready:
+            return
+        self.ledger.open_lanes({o.lane: o.topic for o in ready})
+        lost: list[Owned] = []
+        for owned, epoch in zip(ready, self.ledger.epochs([o.keys for o in ready]), strict=True):
+            if epoch is None:
+                lost.append(owned)
+            elif epoch > owned.state.epoch and not owned.fenced:
+                # A newer owner bumped it: Kafka revokes it from this bridge soon; until then it
+                # neither dispatches nor commits it.
+                owned.fenced = True
+                logger.warning("%s: the ledger shows a newer owner (epoch %d); not dispatching or committing it",
+                               owned.where, epoch)
+        if lost:
+            self._restart(lost)
+        self.ledger.forget_lanes(int(RETIRED_PARTITION_TTL * 1000))
+
+    def _restart(self, lost: list[Owned]) -> None:
+        """The ledger lost these partitions' state (flushed, restarted without persistence,
+        evicted): start a new epoch and dispatch every unfinished record again, after the
+        records still running in workers registered themselves again and finished."""
+        epochs = self.ledger.bump_epochs({o.keys: (o.confirmed, self._epochs.get(o.key, 0)) for o in lost})
+        now = time.monotonic()
+        for owned, epoch in zip(lost, epochs, strict=True):
+            again = owned.state.restart(epoch)
+            self._epochs[owned.key] = epoch
+            owned.start_offset = owned.confirmed
+            owned.handing_over = True
+            owned.waiting_logged = False
+            # Workers register their running records again within a heartbeat; wait that long.
+            owned.handover_deadline = now + max(self.settings.handover_timeout, self._live)
+            owned.handover_after = now + self._live
+            logger.error(
+                "%s: the ledger lost this partition's state; new epoch %d, dispatching %d unfinished record(s) "
+                "again from offset %d",
+                owned.where,
+                epoch,
+                again,
+                owned.confirmed,
+            )
+
     def _setup_pending(self, now: float) -> None:
         """Finish assignments made while the ledger was unavailable."""
         pending = [o for o in self.owned.values() if o.needs_setup]
         if not pending:
             return
-        epochs = self.ledger.bump_epochs({o.keys: o.start_offset for o in pending})
+        epochs = self.ledger.bump_epochs({o.keys: (o.start_offset, self._epochs.get(o.key, 0)) for o in pending})
         self.ledger.open_lanes({o.lane: o.topic for o in pending})
         for owned, epoch in zip(pending, epochs, strict=True):
-            owned.state.epoch = epoch
+            owned.state.epoch = self._epochs[owned.key] = epoch
             owned.needs_setup = False
             owned.handover_deadline = now + self.settings.handover_timeout
             owned.handler.actor.broker.declare_queue(owned.lane)
             logger.info("%s: epoch %d", owned.where, epoch)
 
     def _check_handovers(self, now: float) -> None:
-        """Activate newly owned partitions once records of older assignments stopped running."""
-        for owned in self.owned.values():
-            if not owned.handing_over or owned.needs_setup:
-                continue
-            if owned.handler.ordering != "none":
-                running = self.ledger.running(owned.keys)
-                older = {o: r for o, r in running.items() if int(r.get("e", 0)) < owned.state.epoch}
-                if older and now < owned.handover_deadline:
+        """Activate newly owned partitions once records of older assignments stopped running
+        (ordered modes), with what the ledger knows of their final states."""
+        waiting = [
+            o for o in self.owned.values() if o.handing_over and not o.needs_setup and now >= o.handover_after
+        ]
+        if not waiting:
+            return
+        found = self.ledger.handover(
+            {o.keys: (o.state.epoch, o.start_offset) for o in waiting}, self._live
+        )
+        for owned in waiting:
+            ledger = found[owned.keys]
+            if owned.handler.ordering != "none" and ledger.running:
+                if now < owned.handover_deadline:
                     if not owned.waiting_logged:
                         owned.waiting_logged = True
                         logger.info(
                             "%s: waiting for %d record(s) of an older assignment still running (%s)",
                             owned.where,
-                            len(older),
-                            ", ".join(map(str, sorted(older))),
+                            len(ledger.running),
+                            ", ".join(map(str, ledger.running)),
                         )
                     continue
-                if older:
-                    logger.warning(
-                        "%s: records %s of an older assignment still running after %.0fs; starting anyway",
-                        owned.where,
-                        sorted(older),
-                        self.settings.handover_timeout,
-                    )
-            done = self.ledger.done_from(owned.keys, max(owned.start_offset, 0))
-            owned.state.known_done.update(done)
-            self.stats.add("done", owned.topic, owned.state.mark_done(done))
+                logger.warning(
+                    "%s: records %s of an older assignment still running after %.0fs; starting anyway (a "
+                    "copy of them dispatched now waits for them in its worker)",
+                    owned.where,
+                    ledger.running,
+                    self.settings.handover_timeout,
+                )
+            owned.state.known_done.update(ledger.done)
+            self.stats.add("done", owned.topic, owned.state.mark_done(ledger.done))
+            # Final failures the older owner recorded but did not dead-letter: settled here, once.
+            for offset, detail in sorted(ledger.failed.items()):
+                entry = owned.state.entry(offset)
+                if entry is None:
+                    owned.adopted[offset] = detail
+                elif not entry.done and entry.failure is None and not entry.dispatched:
+                    owned.state.withdraw(entry)
+                    self._fail(owned, entry, now, _reason_of(detail), detail)
             owned.handing_over = False
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -956,6 +1084,8 @@ class Bridge:
                     "revoke: %d dispatched records unfinished after %.0fs", left, self.settings.drain_timeout
                 )
             self._commit(revoked, asynchronous=False)
+            with contextlib.suppress(*_OUTAGES):
+                self.ledger.retire([o.keys for o in revoked], RETIRED_PARTITION_TTL)
         for owned in revoked:
             del self.owned[(owned.topic, owned.partition)]
             logger.info("revoked %s: committed %d", owned.where, owned.confirmed,
@@ -1017,7 +1147,7 @@ class Bridge:
         in_flight = sum(v.in_flight for v in views)
         paused = sum(1 for v in views if v.paused)
         logger.info(self.stats.summary(now, in_flight=in_flight, lag=lag, partitions=len(views), paused=paused))
-        wall = int(time.time() * 1000)
+        wall = self.ledger.time_ms()  # status compares it with the same clock
         entries: dict[str, str] = {}
         for owned, view in zip(self.owned.values(), views, strict=True):
             age = view.oldest_unfinished_age
@@ -1035,3 +1165,12 @@ class Bridge:
                 }
             )
         self.ledger.publish_status(status_key(self.settings.group_id), entries)
+
+
+def _reason_of(detail: dict[str, Any]) -> str:
+    """The dead-letter reason of a recorded final failure."""
+    reason = detail.get("reason")
+    if isinstance(reason, str):
+        return reason
+    error_type = (detail.get("error") or {}).get("type")
+    return Reason.UNDECODABLE.value if error_type == "DecodeError" else Reason.FINAL_FAILURE.value

@@ -7,7 +7,6 @@ works whether or not a bridge is running.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -47,6 +46,8 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
 
     client = connect(settings.redis_url)
     try:
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000  # the clock bridges stamp their status with
         raw = cast(dict[str, str], client.hgetall(status_key(settings.group_id)))
         published = {k: json.loads(v) for k, v in raw.items()}
         running = {}
@@ -60,7 +61,6 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
     finally:
         client.close()
 
-    now_ms = int(time.time() * 1000)
     rows: list[dict[str, Any]] = []
     for topic in missing:
         rows.append({"topic": topic, "partition": None, "error": "topic does not exist"})

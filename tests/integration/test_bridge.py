@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import redis
 
+from bridge.keys import PartitionKeys
+from bridge.runner import RETIRED_PARTITION_TTL
 from tests.support.bridge_proc import REPO
 from tests.support.history import check, read_events
 from tests.support.kafka import produce_keyed, read_raw
@@ -71,6 +73,16 @@ def test_partition_mode_processes_every_record_once_in_order_and_commits_to_the_
     assert sum(ends.values()) == total
     broker = "rabbitmq" if fleet else "redis"
     print(f"partition mode, {broker}: {total} records in {elapsed:.1f}s = {total / elapsed:.0f} records/s")
+    for workers in pipeline.workers:
+        # Records run after a predecessor finished go back through the broker, which acknowledges
+        # them as its own deliveries.
+        assert "Failed to ack" not in workers.log(), "a record run again was acknowledged twice"
+    for (t, p) in ends:
+        # Given up at the stop: nothing of the partition runs, and its keys expire unless a new
+        # owner takes it (a deleted topic leaves nothing behind).
+        keys = PartitionKeys(pipeline.group, t, p)
+        assert redis_client.hlen(keys.running) == 0
+        assert all(0 < redis_client.ttl(key) <= RETIRED_PARTITION_TTL for key in (keys.epoch, keys.done))
 
 
 def run_to_end(pipeline: Pipeline, redis_client: redis.Redis, scope: str) -> Any:

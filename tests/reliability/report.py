@@ -36,7 +36,7 @@ RELIABILITY_SEED=1234 .venv/bin/python -m pytest -m reliability -k storm   # rep
 ```
 
 The fast subset (baseline, SIGKILL loop, crash points, worker kill, bridge and workers killed
-together, negative control) runs in
+together, ledger wiped mid-run, negative control) runs in
 `.ci/run`. Every scenario prints its seed; a run whose verdict is not the expected one keeps its
 histories under `.cache/reliability/failed/`.
 

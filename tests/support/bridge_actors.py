@@ -8,12 +8,16 @@ check order, overlap, duplicates and completeness from a single totally ordered 
   KDB_TEST_SLEEP_MS     "N" or "LOW-HIGH" (random) milliseconds per record (default 0)
   KDB_TEST_FAIL_KEYS    comma-separated record keys whose every attempt raises
   KDB_TEST_MAX_RETRIES  dramatiq max_retries (default 0)
+  KDB_TEST_BACKOFF_MS   dramatiq min_backoff and max_backoff as "MIN-MAX" (default 20-100)
+  KDB_TEST_SLOW_KEYS    comma-separated KEY=MS: records with that key take that long (over KDB_TEST_SLEEP_MS)
   KDB_TEST_EVENTS       Redis list of events (default kdb-test:events)
   KDB_TEST_VALUE_CODEC  the handler's value codec (default bytes)
   KDB_TEST_DLQ          dead-letter topic: a name, "off", or unset for the default
   KDB_TEST_FAIL_SET     Redis set of record keys whose attempts raise, read on every call
   KDB_TEST_RABBITMQ_URL the task broker is RabbitMQ at this URL (default: Redis at BRIDGE_REDIS_URL)
   KDB_TEST_BROKER_URL   Redis of the task broker and the history (default BRIDGE_REDIS_URL, the ledger)
+  KDB_TEST_HISTORY_URL  Redis of the history (default the task broker's)
+  KDB_TEST_PROTOCOL_VERSION  the protocol version a bridge writes (a later release's, for upgrade tests)
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage
 
-from bridge import Record, kafka_handler
+from bridge import Record, kafka_handler, protocol
+
+if os.environ.get("KDB_TEST_PROTOCOL_VERSION"):
+    # A bridge of a later release: its messages carry a protocol version today's workers refuse.
+    protocol.VERSION = int(os.environ["KDB_TEST_PROTOCOL_VERSION"])
 
 URL = os.environ["BRIDGE_REDIS_URL"]
 #: The Redis of the task broker and of the test's history when the ledger is another one.
@@ -45,13 +53,19 @@ else:
 broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
-_events = redis.Redis.from_url(TASKS_URL)
+#: KDB_TEST_HISTORY_URL keeps the history apart from a Redis the test wipes (default TASKS_URL).
+_events = redis.Redis.from_url(os.environ.get("KDB_TEST_HISTORY_URL") or TASKS_URL)
 EVENTS = os.environ.get("KDB_TEST_EVENTS", "kdb-test:events")
 _sleep = os.environ.get("KDB_TEST_SLEEP_MS", "0")
 _low, _, _high = _sleep.partition("-")
 SLEEP = (float(_low) / 1000, float(_high or _low) / 1000)
 FAIL_KEYS = {k.encode() for k in os.environ.get("KDB_TEST_FAIL_KEYS", "").split(",") if k}
 FAIL_SET = os.environ.get("KDB_TEST_FAIL_SET")
+SLOW_KEYS = {
+    key.encode(): float(ms) / 1000
+    for key, _, ms in (item.partition("=") for item in os.environ.get("KDB_TEST_SLOW_KEYS", "").split(",") if item)
+}
+_min_backoff, _, _max_backoff = os.environ.get("KDB_TEST_BACKOFF_MS", "20-100").partition("-")
 
 
 class Planned(Exception):
@@ -68,7 +82,9 @@ _dlq = os.environ.get("KDB_TEST_DLQ")
     dead_letter_topic=True if _dlq is None else False if _dlq == "off" else _dlq,
 )
 @dramatiq.actor(
-    max_retries=int(os.environ.get("KDB_TEST_MAX_RETRIES", "0")), min_backoff=20, max_backoff=100
+    max_retries=int(os.environ.get("KDB_TEST_MAX_RETRIES", "0")),
+    min_backoff=int(_min_backoff),
+    max_backoff=int(_max_backoff or _min_backoff),
 )
 def record_event(record: Record) -> None:
     key = (record.key or b"").decode("utf-8", "backslashreplace")
@@ -86,6 +102,8 @@ def record_event(record: Record) -> None:
     try:
         if SLEEP[1] > 0:
             time.sleep(random.uniform(*SLEEP))
+        if record.key in SLOW_KEYS:
+            time.sleep(SLOW_KEYS[record.key])
         if record.key in FAIL_KEYS or (FAIL_SET and record.key and _events.sismember(FAIL_SET, record.key)):
             outcome = "fail"
             raise Planned(f"planned failure of {record.topic}[{record.partition}]@{record.offset}")

@@ -40,6 +40,7 @@ class HandlerEvent:
     epoch: int
     ms: int
     outcome: str = ""  # for "E": "ok" or "fail"
+    token: str = ""  # pairs a run's start with its end
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ def read_events(client: redis.Redis, key: str = "kdb-test:events") -> list[Handl
         if kind == "X" or token in void:
             continue  # a start whose write failed: the handler did not run
         events.append(HandlerEvent(kind, topic, int(partition), int(offset), key_, int(pid), int(epoch), int(ms),
-                                   rest[0] if rest else ""))
+                                   rest[0] if rest else "", token))
     return events
 
 

@@ -14,7 +14,7 @@ from dramatiq.middleware import Middleware, Retries, SkipMessage
 
 from bridge import Record, current_record, kafka_handler
 from bridge.keys import PartitionKeys, lane_name
-from bridge.ledger import Ledger
+from bridge.ledger import Ledger, Try
 from bridge.middleware import OPTION, LedgerMiddleware
 from bridge.record import envelope
 
@@ -69,6 +69,16 @@ def keys(topic: str) -> PartitionKeys:
     return PartitionKeys(GROUP, topic, 0)
 
 
+def failed_of(ledger: Ledger, topic: str) -> dict[int, dict[str, Any]]:
+    """Final failures the ledger holds for the bridge."""
+    return {int(o): json.loads(v) for o, v in ledger.client.hgetall(keys(topic).failed).items()}
+
+
+def finished(ledger: Ledger, topic: str, offset: int) -> None:
+    """A copy of ``offset`` finished elsewhere."""
+    ledger.finish(keys(topic), Try(offset, 1, 1, 0, "elsewhere"), "done")
+
+
 def test_success_is_a_done_fact_and_the_actor_gets_the_record(
     stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
 ) -> None:
@@ -115,36 +125,37 @@ def test_retries_exhausted_is_a_final_failure_and_never_done(
 
     send(stub_broker, handle, "orders", 1)
     run(stub_broker, worker, ledger, "orders")
-    progress = ledger.progress(keys("orders"), range(0, 11))
+    failed = failed_of(ledger, "orders")
     assert calls == [1, 1, 1]
-    assert progress.done == []
-    assert progress.failed[1]["error"] == {"type": "ValueError", "message": "boom"}
-    assert progress.failed[1]["attempts"] == 3
+    assert ledger.done_from(keys("orders"), 0) == set()
+    assert failed[1]["error"] == {"type": "ValueError", "message": "boom"}
+    assert failed[1]["attempts"] == 3
 
 
-def test_a_failure_that_will_be_retried_is_not_done(stub_broker: StubBroker, ledger: Ledger) -> None:
+def test_a_failure_that_will_be_retried_is_alive_until_its_backoff_ends(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    calls: list[int] = []
+
     @kafka_handler("orders")
-    @dramatiq.actor(max_retries=5)
+    @dramatiq.actor(max_retries=5, min_backoff=30_000, max_backoff=30_000)
     def handle(record: Record) -> None:
-        pass
+        calls.append(record.offset)
+        raise ValueError("transient")
 
-    middleware = ledger_middleware(stub_broker)
-    middleware._ledger = ledger
-    message = dramatiq.middleware.CurrentMessage  # noqa: F841 - keep dramatiq.middleware imported
-    msg = dramatiq.MessageProxy(
-        dramatiq.Message(
-            queue_name="q",
-            actor_name=handle.actor_name,
-            args=(),
-            kwargs={},
-            options={OPTION: {"g": GROUP, "t": "orders", "p": 0, "o": 4, "e": 0}},
-        )
-    )
-    ledger.start(keys("orders"), 4, 0, "w")
-    middleware.after_process_message(stub_broker, msg, exception=ValueError("transient"))
-    progress = ledger.progress(keys("orders"), range(0, 11))
-    assert progress.done == [] and progress.failed == {}
-    assert ledger.running(keys("orders")) == {}
+    send(stub_broker, handle, "orders", 4)
+    ledger_middleware(stub_broker)._ledger = ledger
+    before = ledger.time_ms()
+    worker.start()
+    eventually(lambda: ledger.running(keys("orders")).get(4, {}).get("s") == "retry")
+    worker.stop()
+    entry = ledger.running(keys("orders"))[4]
+    assert calls == [4]
+    assert ledger.done_from(keys("orders"), 0) == set() and failed_of(ledger, "orders") == {}
+    assert entry["r"] == 1, "the retry's count"
+    # dramatiq's backoff jitters between half and all of it: the eta lies that far ahead.
+    assert entry["t"] >= before + 15_000
+    assert ledger.stale({keys("orders"): [4]}, timeout=10.0)[keys("orders")].again == {}
 
 
 def test_a_retry_then_success_ends_done(stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger) -> None:
@@ -193,9 +204,8 @@ def test_an_expired_age_limit_is_a_final_failure(
     send(stub_broker, handle, "orders", 6)
     time.sleep(0.01)
     run(stub_broker, worker, ledger, "orders")
-    progress = ledger.progress(keys("orders"), range(0, 11))
-    assert progress.done == []
-    assert 6 in progress.failed
+    assert ledger.done_from(keys("orders"), 0) == set()
+    assert 6 in failed_of(ledger, "orders")
 
 
 def test_a_message_for_an_unknown_actor_is_a_final_failure(
@@ -218,17 +228,17 @@ def test_a_message_for_an_unknown_actor_is_a_final_failure(
         )
     )
     run(stub_broker, worker, ledger, "orders")
-    assert 8 in ledger.progress(keys("orders"), range(0, 11)).failed
+    assert 8 in failed_of(ledger, "orders")
 
 
 def test_a_message_of_an_older_epoch_does_not_run_and_is_not_done(
     stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
 ) -> None:
     calls, handle = offset_recorder()
-    ledger.bump_epochs({keys("orders"): -1})
-    ledger.bump_epochs({keys("orders"): -1})
-    send(stub_broker, handle, "orders", 1, epoch=1)
-    send(stub_broker, handle, "orders", 2, epoch=2)
+    (old,) = ledger.bump_epochs({keys("orders"): (-1, 0)})
+    (new,) = ledger.bump_epochs({keys("orders"): (-1, 0)})
+    send(stub_broker, handle, "orders", 1, epoch=old)
+    send(stub_broker, handle, "orders", 2, epoch=new)
     run(stub_broker, worker, ledger, "orders")
     assert calls == [2]
     assert ledger.done_from(keys("orders"), 0) == {2}
@@ -238,7 +248,7 @@ def test_a_record_already_done_does_not_run_again(
     stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
 ) -> None:
     calls, handle = offset_recorder()
-    ledger.finish(keys("orders"), 1, "done")
+    finished(ledger, "orders", 1)
     send(stub_broker, handle, "orders", 1)
     run(stub_broker, worker, ledger, "orders")
     assert calls == []
@@ -256,7 +266,7 @@ def test_an_undecodable_value_fails_at_once_without_reaching_the_actor(
 
     send(stub_broker, handle, "orders", 1, value=b"{not json")
     run(stub_broker, worker, ledger, "orders")
-    failed = ledger.progress(keys("orders"), range(0, 11)).failed
+    failed = failed_of(ledger, "orders")
     assert calls == []
     assert failed[1]["error"]["type"] == "DecodeError"
     assert "value (json codec)" in failed[1]["error"]["message"]
@@ -428,3 +438,119 @@ def test_a_failed_ledger_write_is_counted_for_the_workers_metrics(
     assert REGISTRY.get_sample_value(name, {"operation": "start"}) is not None, "exported from 0 on"
     assert ledger_middleware(stub_broker).ledger_write_failures == 1
     assert ledger.done_from(keys("metered"), 0) == set(), "nothing recorded: the bridge dispatches it again"
+
+
+def test_a_message_of_a_newer_protocol_version_is_refused_loudly_and_goes_back(
+    stub_broker: StubBroker, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, handle = offset_recorder()
+    middleware = ledger_middleware(stub_broker)
+    middleware._ledger, middleware._broker = ledger, stub_broker
+    lane = lane_name(GROUP, "orders", 0)
+    stub_broker.declare_queue(lane)
+    message = dramatiq.MessageProxy(
+        dramatiq.Message(
+            queue_name=lane,
+            actor_name=handle.actor_name,
+            args=(envelope("orders", 0, 3, b"k", b"v", [], None),),
+            kwargs={},
+            options={OPTION: {"v": 99, "g": GROUP, "t": "orders", "p": 0, "o": 3, "e": 1}},
+        )
+    )
+    for _ in range(2):
+        with pytest.raises(SkipMessage):
+            middleware.before_process_message(stub_broker, message)
+    assert ledger.running(keys("orders")) == {} and ledger.done_from(keys("orders"), 0) == set()
+    delayed = stub_broker.queues[f"{lane}.DQ"]
+    assert delayed.qsize() == 2, "each time the record waits to be offered to an upgraded worker"
+    back = dramatiq.Message.decode(delayed.get())
+    assert back.options[OPTION]["v"] == 99 and back.options["eta"] > 0
+    refusals = [r for r in caplog.records if r.levelname == "ERROR" and "protocol version 99" in r.getMessage()]
+    assert len(refusals) == 1, "one line a minute, not one per message"
+    assert "orders[0]@3" in refusals[0].getMessage() and "upgrade this worker" in refusals[0].getMessage()
+
+
+def test_a_copy_dispatched_again_continues_the_retry_count_of_the_one_it_replaces(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders")
+    @dramatiq.actor(max_retries=2, min_backoff=1, max_backoff=1)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+        raise ValueError("still broken")
+
+    # Two tries failed already; the second retry was lost and the bridge dispatched attempt 2.
+    ledger.finish(keys("orders"), Try(1, 1, 1, 2, "lost"), "retry", delay_ms=0)
+    assert ledger.stale({keys("orders"): [1]}, timeout=-1)[keys("orders")].again == {1: 2}
+    lane = lane_name(GROUP, "orders", 0)
+    stub_broker.declare_queue(lane)
+    stub_broker.enqueue(
+        dramatiq.Message(
+            queue_name=lane,
+            actor_name=handle.actor_name,
+            args=(envelope("orders", 0, 1, b"k", b"v", [], None),),
+            kwargs={},
+            options={OPTION: {"v": 2, "g": GROUP, "t": "orders", "p": 0, "o": 1, "e": 1, "a": 2}},
+        )
+    )
+    run(stub_broker, worker, ledger, "orders")
+    assert calls == [1], "max_retries=2: the third try was the last"
+    assert failed_of(ledger, "orders")[1]["attempts"] == 3
+
+
+def test_an_unparked_record_skipped_by_another_middleware_leaks_nothing_and_is_not_requeued() -> None:
+    import fakeredis
+    from dramatiq.brokers.redis import RedisBroker
+
+    from bridge.handlers import clear_registry
+
+    server = fakeredis.FakeServer()
+    ledger = Ledger(fakeredis.FakeRedis(server=server, decode_responses=True))
+
+    class SkipSixWhenUnparked(Middleware):
+        seen = 0
+
+        def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+            if message.options.get(OPTION, {}).get("o") == 6:
+                self.seen += 1
+                if self.seen == 2:  # the first time it parks; handed over, it is skipped
+                    raise SkipMessage("not wanted")
+
+    clear_registry()
+    broker = RedisBroker(client=fakeredis.FakeRedis(server=server))
+    broker.add_middleware(SkipSixWhenUnparked(), before=Retries)
+    dramatiq.set_broker(broker)
+    try:
+        calls, handle = offset_recorder(max_retries=0)
+        middleware = ledger_middleware(broker)
+        middleware._ledger = ledger
+        lane = lane_name(GROUP, "orders", 0)
+        broker.declare_queue(lane)
+        worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
+        worker.start()
+        try:
+            for offset, prev in ((6, 5), (5, -1)):  # 6 parks, 5 runs and hands 6 over
+                meta = {"v": 2, "g": GROUP, "t": "orders", "p": 0, "o": offset, "e": 1, "pv": prev}
+                broker.enqueue(
+                    dramatiq.Message(
+                        queue_name=lane,
+                        actor_name=handle.actor_name,
+                        args=(envelope("orders", 0, offset, b"k", b"v", [], None),),
+                        kwargs={},
+                        options={OPTION: meta},
+                    )
+                )
+                if offset == 6:
+                    eventually(lambda: middleware.parking.parked == 1)
+            eventually(lambda: ledger.done_from(keys("orders"), 0) == {5, 6})
+        finally:
+            worker.stop()
+        assert calls == [5]
+        assert middleware._released == {} and middleware._approved == {}
+        assert ledger.running(keys("orders")) == {}, "the start recorded for 6 went with its skip"
+        assert ledger.client.llen(f"dramatiq:{lane}") == 0, "nothing put back to run again"
+    finally:
+        broker.close()
+        clear_registry()

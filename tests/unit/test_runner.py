@@ -19,7 +19,8 @@ from bridge import LedgerUnavailable, Record, kafka_handler
 from bridge.deadletter import Outcome
 from bridge.handlers import handlers_by_topic
 from bridge.keys import PartitionKeys
-from bridge.ledger import Ledger
+from bridge.ledger import Beats, Ledger, Try
+from bridge.protocol import registration_json
 from bridge.runner import Bridge
 from bridge.settings import load_settings
 from tests.unit.fake_kafka import FakeConsumer
@@ -91,6 +92,14 @@ def world(stub_broker: StubBroker) -> Iterator[dict[str, Any]]:
 KEYS = PartitionKeys(GROUP, T, 0)
 
 
+def finish(world: dict[str, Any], offset: int, outcome: str = "done", partition: int = 0, **detail: Any) -> None:
+    """A worker finished ``offset`` under the partition's current epoch."""
+    bridge, ledger = world["bridge"], world["ledger"]
+    epoch = bridge.owned[(T, partition)].state.epoch
+    keys = PartitionKeys(GROUP, T, partition)
+    ledger.finish(keys, Try(offset, epoch, 1, 0, f"w{offset}"), outcome, detail=detail or None)  # type: ignore[arg-type]
+
+
 def spin(bridge: Bridge, rounds: int = 3) -> None:
     for _ in range(rounds):
         bridge.poll_once()
@@ -98,17 +107,17 @@ def spin(bridge: Bridge, rounds: int = 3) -> None:
 
 
 def test_the_commit_covers_only_the_done_prefix_and_moves_forward_only(world: dict[str, Any]) -> None:
-    bridge, consumer, ledger = world["bridge"], world["consumer"], world["ledger"]
+    bridge, consumer = world["bridge"], world["consumer"]
     consumer.add(T, 0, 10)
     consumer.assign((T, 0))
     spin(bridge)
     assert bridge.stats.dispatched == 10
     for offset in (0, 1, 3, 4):
-        ledger.finish(KEYS, offset, "done")
+        finish(world, offset)
     spin(bridge)
     assert consumer.committed_offsets[(T, 0)] == 2
     for offset in (2, 5, 6, 7, 8, 9):
-        ledger.finish(KEYS, offset, "done")
+        finish(world, offset)
     spin(bridge)
     assert consumer.committed_offsets[(T, 0)] == 10
     # The start position is committed first, so a restart never re-applies offset_reset.
@@ -120,9 +129,9 @@ def test_a_final_failure_holds_the_commit_until_its_dead_letter_is_acknowledged(
     consumer.add(T, 0, 3)
     consumer.assign((T, 0))
     spin(bridge)
-    ledger.finish(KEYS, 0, "done")
-    ledger.finish(KEYS, 1, "failed", {"error": {"type": "ValueError", "message": "x"}, "attempts": 3})
-    ledger.finish(KEYS, 2, "done")
+    finish(world, 0)
+    finish(world, 1, "failed", error={"type": "ValueError", "message": "x"}, attempts=3)
+    finish(world, 2)
     spin(bridge)
     assert dead.sent == [(f"{T}.dlq", 1)]
     assert consumer.committed_offsets[(T, 0)] == 1
@@ -135,7 +144,7 @@ def test_a_final_failure_holds_the_commit_until_its_dead_letter_is_acknowledged(
     dead.ack(1)
     spin(bridge)
     assert consumer.committed_offsets[(T, 0)] == 3
-    assert ledger.progress(KEYS, range(0, 11)).failed == {}, "the settled failure leaves the ledger"
+    assert ledger.client.hlen(KEYS.failed) == 0, "the settled failure leaves the ledger"
     assert bridge.stats.dead_lettered == 1
 
 
@@ -146,7 +155,7 @@ def test_a_ledger_outage_pauses_everything_stops_commits_and_resumes_without_red
     consumer.add(T, 0, 5)
     consumer.assign((T, 0))
     spin(bridge)
-    ledger.finish(KEYS, 0, "done")
+    finish(world, 0)
     ledger.down = True
     spin(bridge)
     assert (T, 0) in consumer.paused
@@ -170,17 +179,19 @@ def test_a_record_with_no_sign_of_life_is_dispatched_again_as_a_new_attempt(worl
     consumer.add(T, 0, 2)
     consumer.assign((T, 0))
     spin(bridge)
-    ledger.start(KEYS, 1, 1, "worker")  # offset 1 started and beats; offset 0 was lost
+    epoch = bridge.owned[(T, 0)].state.epoch
+    ledger.start(KEYS, Try(1, epoch, 1, 0, "beating"), "worker")  # offset 1 started and beats; 0 was lost
+    beats = Beats(running=[(1, "beating", registration_json(epoch, 1, 0, "beating", "worker"))])
     deadline = time.monotonic() + 3
     while bridge.stats.redispatched == 0 and time.monotonic() < deadline:
-        ledger.beat({KEYS: [1]})
+        ledger.beat({KEYS: beats})
         spin(bridge)
     assert bridge.stats.redispatched == 1
     lane = bridge.owned[(T, 0)].lane
     messages = [dramatiq.Message.decode(m) for m in broker.queues[lane].queue]
     copies = [m.options["kdb"] for m in messages if m.options["kdb"]["o"] == 0]
     assert [c.get("a", 1) for c in copies] == [1, 2]
-    assert ledger.start(KEYS, 0, 1, "worker", attempt=1) == "superseded"
+    assert ledger.start(KEYS, Try(0, epoch, 1, 0, "late"), "worker")[0] == "superseded"
 
 
 def test_a_record_too_large_for_the_task_broker_goes_to_the_dead_letter_topic(world: dict[str, Any]) -> None:
@@ -196,14 +207,14 @@ def test_a_record_too_large_for_the_task_broker_goes_to_the_dead_letter_topic(wo
 
 
 def test_a_revoke_commits_what_is_done_and_a_lost_partition_commits_nothing(world: dict[str, Any]) -> None:
-    bridge, consumer, ledger = world["bridge"], world["consumer"], world["ledger"]
+    bridge, consumer = world["bridge"], world["consumer"]
     consumer.add(T, 0, 4)
     consumer.add(T, 1, 4)
     consumer.assign((T, 0), (T, 1))
     spin(bridge)
     for offset in (0, 1):
-        ledger.finish(KEYS, offset, "done")
-        ledger.finish(PartitionKeys(GROUP, T, 1), offset, "done")
+        finish(world, offset)
+        finish(world, offset, partition=1)
     bridge.settings = bridge.settings.model_copy(update={"drain_timeout": 0.05, "commit_interval": 60})
     bridge._next_commit = time.monotonic() + 60
     before = consumer.committed_offsets.get((T, 1))

@@ -1,0 +1,87 @@
+-- Shared by the ledger's per-partition scripts. Every script takes the keys of one partition,
+-- in this order (one Redis Cluster hash slot):
+local K_EPOCH, K_DONE, K_RUNNING, K_ATTEMPTS, K_FAILED, K_FLOOR, K_FRESH, K_BEATS, K_STAGED = unpack(KEYS)
+
+-- The one clock every liveness decision uses.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function is_done(o)
+  return redis.call('ZSCORE', K_DONE, o) ~= false
+end
+
+-- The copy registered for offset o (bridge/protocol.py, Registration), or nil. Entries written by
+-- version 1 workers lack k and s.
+local function registration(o)
+  local raw = redis.call('HGET', K_RUNNING, o)
+  if not raw then return nil end
+  local c = cjson.decode(raw)
+  c.e = tonumber(c.e or 0)
+  c.a = tonumber(c.a or 1)
+  c.r = tonumber(c.r or 0)
+  c.t = tonumber(c.t or 0)
+  c.s = c.s or 'run'
+  c.k = c.k or ''
+  return c
+end
+
+local function register(o, e, a, r, k, w, t, s)
+  redis.call('HSET', K_RUNNING, o, cjson.encode({e = e, a = a, r = r, k = k, w = w, t = t, s = s}))
+end
+
+-- Copies of one record are ordered by (epoch, attempt, retries): a newer epoch is the current
+-- owner's, a higher attempt the bridge's re-dispatch, more retries dramatiq's later try.
+local function newer(c, e, a, r)
+  if c.e ~= e then return c.e > e end
+  if c.a ~= a then return c.a > a end
+  return c.r > r
+end
+
+local function runs(c, now, live)
+  return c ~= nil and c.s == 'run' and now - c.t < live
+end
+
+local function failure_epoch(o)
+  local raw = redis.call('HGET', K_FAILED, o)
+  if not raw then return nil end
+  -- Failures written by version 1 workers carry no epoch: they count as current.
+  return tonumber(cjson.decode(raw).e or math.huge)
+end
+
+-- Whether predecessor p, named by a record of epoch e, lets that record start: no copy of p
+-- runs, and p is done, or failed for good in epoch e or later. A failure of an older epoch is
+-- the older owner's business: the current owner runs p again or settles it itself.
+local function released(p, e, now, live)
+  if p < 0 or p < tonumber(redis.call('GET', K_FLOOR) or '-1') then return true end
+  if runs(registration(p), now, live) then return false end
+  if is_done(p) then return true end
+  local fe = failure_epoch(p)
+  return fe ~= nil and fe >= e
+end
+
+-- Codes: 0 fenced (older epoch), 1 run, 2 done already, 3 superseded (a newer copy exists),
+-- 4 wait for the predecessor, 5 wait for another copy of this record that is running.
+-- Returns the code and the retry count the copy continues with (a copy that takes over from a
+-- scheduled retry or a dead copy carries their count, so max_retries holds across copies).
+local function start(o, e, a, r, k, w, prev, live, now)
+  if is_done(o) then
+    redis.call('RPUSH', K_FRESH, o)
+    return 2, r
+  end
+  if tonumber(redis.call('GET', K_EPOCH) or '0') > e then return 0, r end
+  if a < tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1') then return 3, r end
+  local c = registration(o)
+  if c ~= nil and c.k ~= k then
+    if newer(c, e, a, r) then return 3, r end
+    -- dramatiq enqueues the retry of a try only after that try ended: a registered try of the
+    -- same copy with a lower count does not run any more, even before its own finish says so.
+    local retried = c.e == e and c.a == a and c.r < r
+    if runs(c, now, live) and not retried then return 5, r end
+    if c.r > r then r = c.r end
+  end
+  if not released(prev, e, now, live) then return 4, r end
+  register(o, e, a, r, k, w, now, 'run')
+  return 1, r
+end

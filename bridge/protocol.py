@@ -1,0 +1,181 @@
+"""What the bridge and the workers exchange: the message metadata and the ledger's entries.
+
+Every dramatiq message the bridge sends carries its coordinates in the ``kdb`` option, built and
+read only here. The JSON the ledger's Lua scripts read (running entries, failure details) is
+written only here too; ``lua/common.lua`` decodes it with ``cjson``, so field names, not
+separators, are the contract.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Message option that carries the metadata.
+OPTION = "kdb"
+
+#: Protocol version this code writes; workers refuse messages of a newer one. Version 1 had no
+#: ``v`` field.
+VERSION = 2
+
+#: Versions a worker of this code can run.
+KNOWN_VERSIONS = frozenset({1, 2})
+
+
+class ProtocolError(ValueError):
+    """A message whose metadata this worker cannot read."""
+
+
+class UnknownVersion(ProtocolError):
+    """A message written by a newer bridge than this worker understands."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"protocol version {version}; this worker runs versions {sorted(KNOWN_VERSIONS)}")
+        self.version = version
+
+
+class Reason(enum.StrEnum):
+    """Why a record went to its dead-letter topic (the ``kdb.reason`` header)."""
+
+    FINAL_FAILURE = "final-failure"
+    UNDECODABLE = "undecodable"
+    TOO_LARGE = "too-large"
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """A bridge message's coordinates.
+
+    ``attempt`` numbers the bridge's copies of one record (a re-dispatch is a new attempt);
+    ``prev`` is the record of the same partition (key) that must reach a final state first, -1
+    for none; ``token`` is set on a record whose start another worker already recorded on its
+    behalf, so that its own start check recognises that registration as its own.
+    """
+
+    group: str
+    topic: str
+    partition: int
+    offset: int
+    epoch: int
+    attempt: int = 1
+    prev: int = -1
+    token: str | None = None
+    version: int = VERSION
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def to_option(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {
+            "v": self.version,
+            "g": self.group,
+            "t": self.topic,
+            "p": self.partition,
+            "o": self.offset,
+            "e": self.epoch,
+        }
+        if self.attempt != 1:
+            raw["a"] = self.attempt
+        if self.prev >= 0:
+            raw["pv"] = self.prev
+        if self.token is not None:
+            raw["s"] = self.token
+        return raw
+
+    @classmethod
+    def from_option(cls, raw: Mapping[str, Any]) -> Meta:
+        """Read the ``kdb`` option.
+
+        Raises:
+          UnknownVersion: the message comes from a newer bridge.
+          ProtocolError: the option is malformed.
+        """
+        version = raw.get("v", 1)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ProtocolError(f"protocol version {version!r} is not an integer")
+        if version not in KNOWN_VERSIONS:
+            raise UnknownVersion(version)
+        token = raw.get("s")
+        try:
+            return cls(
+                group=str(raw["g"]),
+                topic=str(raw["t"]),
+                partition=int(raw["p"]),
+                offset=int(raw["o"]),
+                epoch=int(raw["e"]),
+                attempt=int(raw.get("a", 1)),
+                prev=int(raw.get("pv", -1)),
+                # Version 1 marked a recorded start with ``"s": 1``, which names no registration.
+                token=token if isinstance(token, str) else None,
+                version=version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"malformed {OPTION} option {dict(raw)!r}: {e}") from None
+
+
+def meta_of(message: Any) -> Meta | None:
+    """The metadata of a dramatiq message, or None for a message the bridge did not send.
+
+    Raises:
+      ProtocolError: see :meth:`Meta.from_option`.
+    """
+    raw = message.options.get(OPTION)
+    if not raw:
+        return None
+    return Meta.from_option(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A worker's claim on a record, in the ledger's ``running`` hash (written by the scripts).
+
+    ``state`` is ``run`` while a copy runs and ``retry`` while dramatiq holds its retry in a delay
+    queue; ``seen`` is the Redis clock (ms) of the last sign of life, for a retry its eta.
+    """
+
+    epoch: int
+    attempt: int
+    retries: int
+    token: str
+    worker: str
+    seen: int
+    state: str
+
+    @classmethod
+    def decode(cls, raw: str) -> Registration:
+        data = json.loads(raw)
+        return cls(
+            epoch=int(data.get("e", 0)),
+            attempt=int(data.get("a", 1)),
+            retries=int(data.get("r", 0)),
+            token=str(data.get("k", "")),
+            worker=str(data.get("w", "")),
+            seen=int(data.get("t", 0)),
+            state=str(data.get("s", "run")),
+        )
+
+
+def registration_json(epoch: int, attempt: int, retries: int, token: str, worker: str) -> str:
+    """A running entry without its time, for the heartbeat to restore after a ledger loss."""
+    return json.dumps({"e": epoch, "a": attempt, "r": retries, "k": token, "w": worker, "s": "run"})
+
+
+def failure_json(epoch: int, detail: Mapping[str, Any]) -> str:
+    """A final failure's detail as the ledger stores it: the epoch it happened in comes along,
+    because a failure of an older epoch never releases the current owner's records."""
+    return json.dumps({**detail, "e": epoch})
+
+
+def failure_epoch(detail: Mapping[str, Any]) -> int | None:
+    """The epoch a failure was recorded under; None for details written by version 1 workers."""
+    epoch = detail.get("e")
+    return int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def staged_value(offset: int, epoch: int, attempt: int, body: bytes) -> str:
+    """How a staged record is stored: offset, epoch, attempt and its encoded message."""
+    return f"{offset}|{epoch}|{attempt}|{body.decode()}"
