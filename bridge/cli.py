@@ -28,7 +28,7 @@ RET_KAFKA_FATAL = 4  # librdkafka reported a fatal error
 RET_OFFSET_OUT_OF_RANGE = 5  # a committed offset lies outside the log; never reset silently
 RET_KAFKA_ACCESS_DENIED = 6  # wrong credentials, an untrusted certificate or a missing ACL
 RET_LEDGER_ACCESS_DENIED = 7  # the ledger's Redis user lacks a permission
-RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop
+RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop; replay stopped by a signal
 
 EPILOG = """\
 examples:
@@ -187,7 +187,12 @@ def _status(settings: Settings, handlers: dict[str, Handler], as_json: bool) -> 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from .replay import replay
 
-    sent = replay(settings, args.dead_letter_topic, to=args.to, limit=args.limit)
+    try:
+        sent = replay(settings, args.dead_letter_topic, to=args.to, limit=args.limit)
+    except KeyboardInterrupt:
+        # replay() committed what Kafka acknowledged before it raised.
+        logger.warning("replay of %s interrupted; running it again continues where it stopped", args.dead_letter_topic)
+        return RET_INTERRUPTED
     total = sum(sent.values())
     detail = ", ".join(f"{n} to {topic}" for topic, n in sorted(sent.items()))
     print(f"replayed {total} record(s) from {args.dead_letter_topic}" + (f": {detail}" if detail else ""))
