@@ -45,6 +45,7 @@ examples:
 
   # send the records of a dead-letter topic back to the topic they came from
   kafka-dramatiq-bridge replay orders.dlq
+  kafka-dramatiq-bridge replay orders.dlq --to orders-retry --limit 100 --json
 
 Every option can also be set in the environment as BRIDGE_<NAME> (BRIDGE_GROUP_ID, ...).
 """
@@ -78,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                 "--path", "-P", action="append", default=[], help="add a directory to sys.path (default: .)"
             )
         sub.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (BRIDGE_BOOTSTRAP_SERVERS)")
-        sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
-        sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
+        if name == "replay":
+            sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID); progress is kept in GROUP_ID.replay")
+        else:
+            sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
+            sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
         sub.add_argument(
             "-X",
             dest="kafka",
@@ -91,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(BRIDGE_LOG_LEVEL)")
         if name == "run":
             sub.add_argument("--group-protocol", choices=["classic", "consumer"], help="(BRIDGE_GROUP_PROTOCOL)")
-        else:
+        elif name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sub.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
 
 
@@ -135,7 +141,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         "bootstrap_servers": args.bootstrap_servers,
         "group_id": args.group_id,
-        "redis_url": args.redis_url,
+        "redis_url": getattr(args, "redis_url", None),
         "log_level": args.log_level,
         "kafka": _kafka_properties(args.kafka),
         "group_protocol": getattr(args, "group_protocol", None),
@@ -194,6 +200,10 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
         logger.warning("replay of %s interrupted; running it again continues where it stopped", args.dead_letter_topic)
         return RET_INTERRUPTED
     total = sum(sent.values())
+    if args.json:
+        by_topic = dict(sorted(sent.items()))
+        print(json.dumps({"dead_letter_topic": args.dead_letter_topic, "replayed": total, "by_topic": by_topic}))
+        return RET_OK
     detail = ", ".join(f"{n} to {topic}" for topic, n in sorted(sent.items()))
     print(f"replayed {total} record(s) from {args.dead_letter_topic}" + (f": {detail}" if detail else ""))
     return RET_OK
@@ -208,7 +218,7 @@ def _early_secrets(args: argparse.Namespace) -> list[str]:
     with contextlib.suppress(ConfigurationError):
         kafka.update(_kafka_properties(args.kafka) or {})
     found = secrets_of(os.environ.get("BRIDGE_REDIS_URL"), kafka)
-    return found + secrets_of(args.redis_url, None)
+    return found + secrets_of(getattr(args, "redis_url", None), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
