@@ -28,7 +28,7 @@ RET_KAFKA_FATAL = 4  # librdkafka reported a fatal error
 RET_OFFSET_OUT_OF_RANGE = 5  # a committed offset lies outside the log; never reset silently
 RET_KAFKA_ACCESS_DENIED = 6  # wrong credentials, an untrusted certificate or a missing ACL
 RET_LEDGER_ACCESS_DENIED = 7  # the ledger's Redis user lacks a permission
-RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop
+RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop; replay stopped by a signal
 
 EPILOG = """\
 examples:
@@ -45,6 +45,7 @@ examples:
 
   # send the records of a dead-letter topic back to the topic they came from
   kafka-dramatiq-bridge replay orders.dlq
+  kafka-dramatiq-bridge replay orders.dlq --to orders-retry --limit 100 --json
 
 Every option can also be set in the environment as BRIDGE_<NAME> (BRIDGE_GROUP_ID, ...).
 """
@@ -78,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                 "--path", "-P", action="append", default=[], help="add a directory to sys.path (default: .)"
             )
         sub.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (BRIDGE_BOOTSTRAP_SERVERS)")
-        sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
-        sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
+        if name == "replay":
+            sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID); progress is kept in GROUP_ID.replay")
+        else:
+            sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
+            sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
         sub.add_argument(
             "-X",
             dest="kafka",
@@ -91,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(BRIDGE_LOG_LEVEL)")
         if name == "run":
             sub.add_argument("--group-protocol", choices=["classic", "consumer"], help="(BRIDGE_GROUP_PROTOCOL)")
-        else:
+        elif name == "status":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sub.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
 
 
@@ -135,7 +141,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         "bootstrap_servers": args.bootstrap_servers,
         "group_id": args.group_id,
-        "redis_url": args.redis_url,
+        "redis_url": getattr(args, "redis_url", None),
         "log_level": args.log_level,
         "kafka": _kafka_properties(args.kafka),
         "group_protocol": getattr(args, "group_protocol", None),
@@ -187,8 +193,17 @@ def _status(settings: Settings, handlers: dict[str, Handler], as_json: bool) -> 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from .replay import replay
 
-    sent = replay(settings, args.dead_letter_topic, to=args.to, limit=args.limit)
+    try:
+        sent = replay(settings, args.dead_letter_topic, to=args.to, limit=args.limit)
+    except KeyboardInterrupt:
+        # replay() committed what Kafka acknowledged before it raised.
+        logger.warning("replay of %s interrupted; running it again continues where it stopped", args.dead_letter_topic)
+        return RET_INTERRUPTED
     total = sum(sent.values())
+    if args.json:
+        by_topic = dict(sorted(sent.items()))
+        print(json.dumps({"dead_letter_topic": args.dead_letter_topic, "replayed": total, "by_topic": by_topic}))
+        return RET_OK
     detail = ", ".join(f"{n} to {topic}" for topic, n in sorted(sent.items()))
     print(f"replayed {total} record(s) from {args.dead_letter_topic}" + (f": {detail}" if detail else ""))
     return RET_OK
@@ -203,7 +218,7 @@ def _early_secrets(args: argparse.Namespace) -> list[str]:
     with contextlib.suppress(ConfigurationError):
         kafka.update(_kafka_properties(args.kafka) or {})
     found = secrets_of(os.environ.get("BRIDGE_REDIS_URL"), kafka)
-    return found + secrets_of(args.redis_url, None)
+    return found + secrets_of(getattr(args, "redis_url", None), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

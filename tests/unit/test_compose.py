@@ -243,13 +243,44 @@ def test_redis_persists_with_append_only_file() -> None:
     assert any(str(volume).endswith(":/data") for volume in redis["volumes"])
 
 
-def test_graceful_stops_fit_in_the_stop_grace_periods() -> None:
+#: Seconds a graceful stop of the bridge may need after its drain: the final synchronous commit,
+#: the last report to the ledger and leaving the group.
+BRIDGE_STOP_MARGIN = 10.0
+
+
+def bridge_worst_case_stop(env: dict[str, str]) -> float:
+    """The longest a graceful stop of the bridge takes: every wait of the stop (the drain of
+    dispatched records, the revoke of its partitions) shares one deadline of
+    BRIDGE_SHUTDOWN_TIMEOUT, then the final commit and leaving the group need a margin."""
+    shutdown = float(env.get("BRIDGE_SHUTDOWN_TIMEOUT", Settings.model_fields["shutdown_timeout"].default))
+    return shutdown + BRIDGE_STOP_MARGIN
+
+
+def test_the_bridge_stop_grace_period_exceeds_its_worst_case_graceful_stop() -> None:
     bridge = SERVICES["bridge"]
-    shutdown = float(
-        service_env(bridge).get("BRIDGE_SHUTDOWN_TIMEOUT", Settings.model_fields["shutdown_timeout"].default)
-    )
-    # The drain, then a final commit and leaving the group.
-    assert duration(bridge["stop_grace_period"]) >= shutdown + 10
+    worst = bridge_worst_case_stop(service_env(bridge))
+    assert duration(bridge["stop_grace_period"]) > worst, "Docker would kill a bridge still stopping gracefully"
+
+
+def test_the_grace_check_follows_a_raised_shutdown_timeout() -> None:
+    # The check reads the stack's own setting: raising the timeout alone must fail it.
+    bridge = SERVICES["bridge"]
+    raised = {**service_env(bridge), "BRIDGE_SHUTDOWN_TIMEOUT": str(duration(bridge["stop_grace_period"]))}
+    assert duration(bridge["stop_grace_period"]) <= bridge_worst_case_stop(raised)
+
+
+def test_every_image_from_a_registry_is_pinned_to_a_release() -> None:
+    # A floating tag (redis:7, latest) brings a new version with the next pull.
+    floating = {
+        name: service["image"]
+        for name, service in SERVICES.items()
+        if "build" not in service
+        and not re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+(-[\w.]+)?(@sha256:[0-9a-f]{64})?", service["image"])
+    }
+    assert floating == {}
+
+
+def test_graceful_stops_of_the_workers_fit_in_their_stop_grace_period() -> None:
     worker = SERVICES["worker"]
     parsed = parse(dramatiq.cli.make_argument_parser(), service_argv(worker)[1:])
     assert duration(worker["stop_grace_period"]) >= parsed.worker_shutdown_timeout / 1000 + 10
