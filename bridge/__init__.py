@@ -16,7 +16,7 @@ from .settings import Settings
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by what they are for
     # Errors
     "BridgeError",
     "ConfigurationError",
@@ -24,12 +24,13 @@ __all__ = [
     "HandlerError",
     "KafkaUnavailable",
     "LedgerUnavailable",
+    "RecoverableError",
     # Handlers
     "Record",
-    "RecoverableError",
-    "Settings",
     "current_record",
     "kafka_handler",
     "on_partitions_assigned",
     "on_partitions_revoked",
+    # Configuration
+    "Settings",
 ]

@@ -14,21 +14,16 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from .errors import BridgeError, ConfigurationError, FatalError, RecoverableError
-from .handlers import Handler, handlers_by_topic
+from .errors import BridgeError, ConfigurationError
 from .logs import configure, redactor, secrets_of
+from .registry import Handler, handlers_by_topic
 from .settings import Settings, load_settings
 
-#: Exit codes.
+#: Exit codes that are not an error's (each error class carries its own ``exit_code``).
 RET_OK = 0
-RET_ERROR = 1  # an unexpected error, or a fatal Kafka error
-RET_CONFIG = 2  # invalid settings, options or handler modules
-RET_UNAVAILABLE = 3  # Kafka or the ledger could not be reached (status, replay)
-RET_KAFKA_FATAL = 4  # librdkafka reported a fatal error
-RET_OFFSET_OUT_OF_RANGE = 5  # a committed offset lies outside the log; never reset silently
-RET_KAFKA_ACCESS_DENIED = 6  # wrong credentials, an untrusted certificate or a missing ACL
-RET_LEDGER_ACCESS_DENIED = 7  # the ledger's Redis user lacks a permission
+RET_ERROR = 1  # an unexpected error
 RET_INTERRUPTED = 130  # a second SIGINT/SIGTERM during a graceful stop; replay stopped by a signal
+RET_CONFIG = ConfigurationError.exit_code
 
 EPILOG = """\
 examples:
@@ -150,9 +145,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _run(settings: Settings, handlers: dict[str, Handler]) -> int:
+    from .bridge import Bridge
     from .endpoints import Endpoints
     from .health import Thresholds
-    from .runner import Bridge
 
     bridge = Bridge(settings, handlers)
     endpoints = None
@@ -237,15 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(settings, handlers)
         return _status(settings, handlers, args.json)
-    except ConfigurationError as e:
-        logger.error("%s", e)
-        return RET_CONFIG
-    except FatalError as e:  # before RecoverableError: a refused ledger call is both
+    except BridgeError as e:
         logger.error("%s", e)
         return e.exit_code
-    except RecoverableError as e:
-        logger.error("%s", e)
-        return RET_UNAVAILABLE
     except Exception:
         # Logged rather than left to the interpreter, so the traceback passes the redaction too.
         logger.exception("unexpected error")

@@ -15,23 +15,23 @@ CodecName = Literal["bytes", "text", "json"]
 CODECS: tuple[CodecName, ...] = ("bytes", "text", "json")
 
 
-#: Deepest nesting of arrays and objects the json codec accepts (``BRIDGE_MAX_JSON_DEPTH``, read
-#: by the worker middleware): deeper documents are refused as undecodable instead of exhausting
-#: the handler's stack later.
-max_json_depth = 128
+#: Deepest nesting of arrays and objects the json codec accepts unless told otherwise (workers
+#: pass ``BRIDGE_MAX_JSON_DEPTH``): deeper documents are refused as undecodable instead of
+#: exhausting the handler's stack later.
+MAX_JSON_DEPTH = 128
 
 
 class DecodeError(ValueError):
     """The bytes are not valid for the codec."""
 
 
-def _json(data: bytes) -> Any:
+def _json(data: bytes, max_depth: int) -> Any:
     try:
         value = json.loads(data)
     except (ValueError, RecursionError) as e:
         raise DecodeError(f"not valid JSON: {e}") from None
-    if _deeper_than(value, max_json_depth):
-        raise DecodeError(f"JSON nested deeper than {max_json_depth} levels (BRIDGE_MAX_JSON_DEPTH)")
+    if _deeper_than(value, max_depth):
+        raise DecodeError(f"JSON nested deeper than {max_depth} levels (BRIDGE_MAX_JSON_DEPTH)")
     return value
 
 
@@ -51,22 +51,22 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _text(data: bytes) -> str:
+def _text(data: bytes, max_depth: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DecodeError(f"not valid UTF-8: {e}") from None
 
 
-_DECODERS: dict[str, Callable[[bytes], Any]] = {
-    "bytes": lambda data: data,
+_DECODERS: dict[str, Callable[[bytes, int], Any]] = {
+    "bytes": lambda data, _: data,
     "text": _text,
     "json": _json,
 }
 
 
-def decode(codec: str, data: bytes | None) -> Any:
+def decode(codec: str, data: bytes | None, max_json_depth: int = MAX_JSON_DEPTH) -> Any:
     """Decode ``data`` with ``codec``; ``None`` (a tombstone or missing key) stays ``None``."""
     if data is None:
         return None
-    return _DECODERS[codec](data)
+    return _DECODERS[codec](data, max_json_depth)

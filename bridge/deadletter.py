@@ -3,10 +3,11 @@
 The original record (raw key, value, headers, timestamp) is written with ``acks=all`` and
 idempotence on, plus ``kdb.*`` headers that say where it came from and why it failed. An offset
 becomes committable only once Kafka acknowledged its dead letter; a failed write is retried with
-backoff by the caller.
+backoff (2 s doubling to 60 s).
 
-Used from the bridge's main thread only: ``send`` queues a write, ``poll`` serves delivery
-reports and returns what was acknowledged or failed since the previous call.
+:class:`DeadLetters` is the producer; :class:`DeadLetterRouter` is the loop's room that routes a
+final failure to it and turns acknowledged dead letters into done facts. Both are used from the
+loop's thread only.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from .ledger import Ledger, LedgerError
+from .logs import coordinates
+from .owned import Owned, Partitions
+from .partition import Entry
 from .record import raw_parts
 from .settings import Settings
+from .stats import Stats
 
 logger = logging.getLogger("bridge.deadletter")
 
@@ -154,3 +160,122 @@ class DeadLetters:
     def flush(self, timeout: float) -> list[Outcome]:
         self._producer.flush(timeout)
         return self.poll()
+
+
+class DeadLetterRouter:
+    """Routes final failures to dead-letter topics and settles them once Kafka acknowledged."""
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger, partitions: Partitions, stats: Stats, producer: DeadLetters | None
+    ) -> None:
+        self._settings = settings
+        self._ledger = ledger
+        self._partitions = partitions
+        self._stats = stats
+        self.producer = producer
+        self._acked: list[Outcome] = []
+        self._broken = False
+
+    def fail(self, owned: Owned, entry: Entry, now: float, reason: str, detail: dict[str, Any]) -> None:
+        """Route a final failure to the dead-letter topic; its offset waits for Kafka's ack."""
+        error = detail.get("error") or {}
+        detail = {**detail, "reason": reason}
+        entry.failure = detail
+        owned.letters.failing[entry.offset] = entry
+        owned.state.release(entry)
+        self._stats.add("failed", owned.topic)
+        logger.error(
+            "%s@%d: %s in %s after %s attempt(s): %s: %s; %s",
+            owned.where,
+            entry.offset,
+            reason,
+            detail.get("actor", owned.handler.name),
+            detail.get("attempts", "?"),
+            error.get("type"),
+            error.get("message"),
+            f"writing it to {owned.dead_letter_topic}" if owned.dead_letter_topic else "dead-lettering is off",
+            extra=coordinates(owned.topic, owned.partition, entry.offset),
+        )
+        if owned.dead_letter_topic is None:
+            self._acked.append(Outcome(owned.topic, owned.partition, entry.offset, None))
+        else:
+            entry.dead_letter_at = now
+
+    def send_due(self, now: float) -> None:
+        """Write the dead letters that are due (new ones, and failed writes whose backoff ended)."""
+        if self.producer is None:
+            return
+        for owned in self._partitions:
+            if owned.dead_letter_topic is None:
+                continue
+            for entry in owned.letters.failing.values():
+                if 0 < entry.dead_letter_at <= now and entry.failure is not None:
+                    entry.dead_letter_at = -1
+                    headers = dead_letter_headers(
+                        entry.payload,
+                        group=self._settings.group_id,
+                        handler=owned.handler.name,
+                        reason=str(entry.failure["reason"]),
+                        detail=entry.failure,
+                    )
+                    self.producer.send(owned.dead_letter_topic, entry.payload, headers)
+
+    def collect(self) -> None:
+        """Take the producer's delivery reports (serves its callbacks). A producer that failed for
+        good (a refused idempotent producer id) writes nothing more: its dead letters wait, and
+        the error is the bridge's to act on, not this loop's to crash on."""
+        if self.producer is None:
+            return
+        try:
+            self._acked.extend(self.producer.poll())
+        except KafkaException as e:
+            if not self._broken:
+                self._broken = True
+                logger.error("the dead-letter producer failed for good, dead letters wait: %s", e)
+
+    def settle(self, now: float) -> None:
+        """Turn acknowledged dead letters into done facts; schedule failed writes again.
+
+        Raises:
+          LedgerUnavailable: the acknowledgements not settled yet are kept for the next call.
+        """
+        if not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        settled: dict[tuple[str, int], list[int]] = {}
+        for outcome in acked:
+            owned = self._partitions.get(outcome.topic, outcome.partition)
+            entry = owned.letters.failing.get(outcome.offset) if owned else None
+            if owned is None or entry is None:
+                continue  # revoked meanwhile: the next owner handles the record again
+            if outcome.error is None:
+                settled.setdefault(owned.key, []).append(outcome.offset)
+                continue
+            entry.dead_letter_tries += 1
+            delay = min(2.0**entry.dead_letter_tries, 60.0)
+            entry.dead_letter_at = now + delay
+            logger.error(
+                "%s@%d: writing to dead-letter topic %s failed (%s); retrying in %.0fs, the offset waits",
+                owned.where,
+                outcome.offset,
+                owned.dead_letter_topic,
+                outcome.error,
+                delay,
+                extra=coordinates(owned.topic, owned.partition, outcome.offset),
+            )
+        items = list(settled.items())
+        for i, ((topic, partition), offsets) in enumerate(items):
+            owned = self._partitions.get(topic, partition)
+            assert owned is not None
+            try:
+                self._ledger.settle(owned.keys, offsets)
+            except LedgerError:
+                # Keep the acknowledgements; they are settled once the ledger answers.
+                self._acked.extend(Outcome(t, p, o, None) for (t, p), offs in items[i:] for o in offs)
+                raise
+            for offset in offsets:
+                del owned.letters.failing[offset]
+            new = owned.state.mark_done(offsets)
+            self._stats.add("done", owned.topic, new)
+            if owned.dead_letter_topic is not None:
+                self._stats.add("dead_lettered", owned.topic, new)

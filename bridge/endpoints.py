@@ -167,6 +167,21 @@ class Endpoints:
         self._last_accept_error = -WARNING_INTERVAL
         self._thread = threading.Thread(target=self._serve, name="kdb-http", daemon=True)
 
+    @property
+    def metrics(self) -> Metrics:
+        """What ``/metrics`` serves (and the health checks judge)."""
+        return self._metrics
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (at most the cap)."""
+        return len(self._open)
+
+    @property
+    def serving(self) -> bool:
+        """The server's thread runs (from :meth:`start` until :meth:`close`)."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
         logger.info("metrics and health checks on http://%s:%d (/metrics, /livez, /readyz)", *self._address)

@@ -15,14 +15,12 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
+from .errors import PartialDispatch, TaskBrokerUnavailable
 
-class EnqueueError(Exception):
-    """Some messages of a batch may not be on their lanes; ``done`` of them surely are."""
 
-    def __init__(self, done: int, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.done = done
-        self.cause = cause
+def _failed(sent: int, messages: Sequence[dramatiq.Message[Any]], error: Exception) -> PartialDispatch:
+    first = messages[sent]
+    return PartialDispatch(sent, TaskBrokerUnavailable(f"enqueue on lane {first.queue_name} failed: {error}"))
 
 
 def pipelined(broker: dramatiq.Broker) -> bool:
@@ -31,7 +29,11 @@ def pipelined(broker: dramatiq.Broker) -> bool:
 
 
 def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[Any]]) -> None:
-    """Enqueue ``messages`` in order. Raises :class:`EnqueueError` on failure."""
+    """Enqueue ``messages`` in order.
+
+    Raises:
+      PartialDispatch: with how many of them are surely on their lanes.
+    """
     if not messages:
         return
     if not pipelined(broker):
@@ -39,7 +41,7 @@ def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[An
             try:
                 broker.enqueue(message)
             except Exception as e:
-                raise EnqueueError(i, e) from e
+                raise _failed(i, messages, e) from e
         return
     redis_broker: Any = broker
     queues: dict[str, tuple[dict[str, bytes], list[str]]] = {}
@@ -60,6 +62,6 @@ def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[An
                 pipe.rpush(name, *ids)
             pipe.execute()
     except Exception as e:
-        raise EnqueueError(0, e) from e
+        raise _failed(0, messages, e) from e
     for message in sent:
         broker.emit_after("enqueue", message, None)

@@ -1,74 +1,31 @@
 """Handler registration: ``@kafka_handler`` over ``@dramatiq.actor``.
 
-Registering a handler records which topics the actor serves and how, installs the ledger
-middleware on the actor's broker (so workers need nothing but the import), and wraps the actor's
-function so that bridge messages are decoded into a :class:`~bridge.record.Record` while direct
-calls and ordinary ``.send()`` messages pass through untouched.
+Registering a handler records which topics the actor serves and how (in :mod:`bridge.registry`),
+installs the ledger middleware on the actor's broker (so workers need nothing but the import), and
+wraps the actor's function so that bridge messages are decoded into a :class:`~bridge.record.Record`
+while direct calls and ordinary ``.send()`` messages pass through untouched.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import re
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, TypeVar, get_args
 
 import dramatiq
 
 from .codecs import CODECS, CodecName
 from .errors import HandlerError
-from .partition import Ordering
 from .record import _current, is_envelope, open_envelope, take_prepared
+from .registry import DEAD_LETTER_SUFFIX, Handler, Hook, MessageFormat, OffsetReset, Ordering, registry
+from .worker import install
 
-MessageFormat = Literal["record", "value"]
-OffsetReset = Literal["earliest", "latest"]
+__all__ = ["DEAD_LETTER_SUFFIX", "Handler", "kafka_handler", "on_partitions_assigned", "on_partitions_revoked"]
 
 ActorT = TypeVar("ActorT", bound=dramatiq.Actor[Any, Any])
-Hook = Callable[[str, int, str], None]
-
-logger = logging.getLogger("bridge.handlers")
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-
-#: Default dead-letter topic of topic ``t``: ``t.dlq``.
-DEAD_LETTER_SUFFIX = ".dlq"
-
-
-@dataclass(frozen=True, slots=True)
-class Handler:
-    """How one actor consumes its topics."""
-
-    actor: dramatiq.Actor[Any, Any]
-    topics: tuple[str, ...]
-    ordering: Ordering
-    message_format: MessageFormat
-    key_codec: CodecName
-    value_codec: CodecName
-    offset_reset: OffsetReset
-    window: int | None
-    dead_letter_topic: str | bool = True
-
-    @property
-    def name(self) -> str:
-        return self.actor.actor_name
-
-    def dead_letter_for(self, topic: str) -> str | None:
-        """Where final failures of ``topic`` go; ``None`` when dead-lettering is turned off."""
-        if self.dead_letter_topic is True:
-            return f"{topic}{DEAD_LETTER_SUFFIX}"
-        if self.dead_letter_topic is False:
-            return None
-        return self.dead_letter_topic
-
-
-_lock = threading.Lock()
-_by_topic: dict[str, Handler] = {}
-_by_actor: dict[str, Handler] = {}
-_assigned_hooks: list[Hook] = []
-_revoked_hooks: list[Hook] = []
 
 
 def _choice(option: str, value: object, allowed: Sequence[object], actor: str) -> None:
@@ -150,24 +107,11 @@ def kafka_handler(
         handler = Handler(
             actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window, dead_letter_topic
         )
-        with _lock:
-            if name in _by_actor:
-                raise HandlerError(
-                    f"actor {name!r} is already a Kafka handler (of {', '.join(_by_actor[name].topics)})"
-                )
-            for topic in topic_list:
-                if topic in _by_topic:
-                    raise HandlerError(
-                        f"topic {topic!r} already has a handler ({_by_topic[topic].name!r}); "
-                        f"cannot register {name!r} too"
-                    )
-            for topic in topic_list:
-                _by_topic[topic] = handler
-            _by_actor[name] = handler
+        try:
+            registry.add(handler)
+        except ValueError as e:
+            raise HandlerError(str(e)) from None
         _wrap(actor, handler)
-
-        from .middleware import install
-
         install(actor.broker)
         return actor
 
@@ -196,41 +140,12 @@ def _wrap(actor: dramatiq.Actor[Any, Any], handler: Handler) -> None:
 def on_partitions_assigned(hook: Hook) -> Hook:
     """Register ``hook(topic, partition, group_id)``, called in the bridge when it starts owning a
     partition. Errors are logged and contained."""
-    with _lock:
-        _assigned_hooks.append(hook)
+    registry.add_hook("assigned", hook)
     return hook
 
 
 def on_partitions_revoked(hook: Hook) -> Hook:
     """Register ``hook(topic, partition, group_id)``, called in the bridge when it stops owning a
     partition (revoked or lost), after its final commit. Errors are logged and contained."""
-    with _lock:
-        _revoked_hooks.append(hook)
+    registry.add_hook("revoked", hook)
     return hook
-
-
-def run_hooks(kind: Literal["assigned", "revoked"], topic: str, partition: int, group_id: str) -> None:
-    hooks = _assigned_hooks if kind == "assigned" else _revoked_hooks
-    for hook in list(hooks):
-        try:
-            hook(topic, partition, group_id)
-        except Exception:
-            logger.exception("partition %s hook %r failed for %s[%d]", kind, hook, topic, partition)
-
-
-def handlers_by_topic() -> dict[str, Handler]:
-    with _lock:
-        return dict(_by_topic)
-
-
-def handler_for_actor(actor_name: str) -> Handler | None:
-    return _by_actor.get(actor_name)
-
-
-def clear_registry() -> None:
-    """Forget every handler and hook (for tests that register handlers repeatedly)."""
-    with _lock:
-        _by_topic.clear()
-        _by_actor.clear()
-        _assigned_hooks.clear()
-        _revoked_hooks.clear()

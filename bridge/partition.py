@@ -12,9 +12,9 @@ import heapq
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Ordering = Literal["partition", "key", "none"]
+from .registry import Ordering
 
 #: Group key used in ``partition`` mode: every record of the partition shares it.
 _WHOLE_PARTITION = b"\x00partition"

@@ -83,15 +83,17 @@ def raw_parts(env: Mapping[str, Any]) -> tuple[bytes | None, bytes | None, Heade
     return _unb64(env.get("k")), _unb64(env.get("v")), headers
 
 
-def open_envelope(env: Mapping[str, Any], key_codec: str, value_codec: str) -> Record:
+def open_envelope(
+    env: Mapping[str, Any], key_codec: str, value_codec: str, max_json_depth: int = codecs.MAX_JSON_DEPTH
+) -> Record:
     """Decode an envelope into a :class:`Record`; raises :class:`codecs.DecodeError` naming the part."""
     raw_key, raw_value, headers = raw_parts(env)
     try:
-        key = codecs.decode(key_codec, raw_key)
+        key = codecs.decode(key_codec, raw_key, max_json_depth)
     except codecs.DecodeError as e:
         raise codecs.DecodeError(f"key ({key_codec} codec): {e}") from None
     try:
-        value = codecs.decode(value_codec, raw_value)
+        value = codecs.decode(value_codec, raw_value, max_json_depth)
     except codecs.DecodeError as e:
         raise codecs.DecodeError(f"value ({value_codec} codec): {e}") from None
     return Record(

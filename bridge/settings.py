@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigurationError
+from .probe import CRASH_POINTS
 
 #: librdkafka properties the bridge sets itself. Overriding them would break a guarantee
 #: (auto commit / auto offset store / offset reset) or has a setting of its own.
@@ -160,6 +161,13 @@ class Settings(WorkerSettings):
         10.0, ge=0, le=3600,
         description="Seconds between one-line progress summaries in the log; `0` turns them off.",
     )
+    status_interval: float = Field(
+        5.0, gt=0, le=3600,
+        description=(
+            "Seconds between the summaries a bridge publishes in the ledger for `status` (independent of the "
+            "progress line)."
+        ),
+    )
     redispatch_timeout: float = Field(
         120.0, gt=0, le=86400,
         description=(
@@ -284,8 +292,6 @@ class Settings(WorkerSettings):
     @field_validator("crash_at")
     @classmethod
     def _crash_point(cls, value: str | None) -> str | None:
-        from .probe import CRASH_POINTS
-
         if value is not None:
             point, _, count = value.partition(":")
             if point not in CRASH_POINTS or (count and not count.isdigit()):

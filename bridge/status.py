@@ -14,9 +14,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from .consumer import consumer_config
 from .errors import KafkaUnavailable, LedgerUnavailable
-from .handlers import Handler
 from .keys import PartitionKeys, status_key
 from .ledger import connect
+from .registry import Handler
 from .settings import Settings
 
 

@@ -300,3 +300,22 @@ def test_a_rabbitmq_redelivery_after_a_worker_crash_runs_once_the_dead_copy_stop
     assert report.overlaps == [] and report.order_violations == []
     assert report.duplicates == 0
     assert_complete(report, pipeline.ends())
+
+
+def test_a_partition_head_waiting_in_a_busy_worker_past_the_timeout_is_sent_again_but_runs_once(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    # One worker thread and twelve partitions: the thread runs one partition's chain after another,
+    # and the heads of the others wait, prefetched in the process, longer than the timeout.
+    topic = topic_factory(12)
+    pipeline = pipeline_factory(
+        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="100", BRIDGE_REDISPATCH_TIMEOUT="2",
+    )
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 240)
+    pipeline.start_workers(processes=1, threads=1)
+    bridge = pipeline.start_bridge()
+    report = run_to_end(pipeline, redis_client, "partition")
+    assert REDISPATCHED in bridge.log, "no head waited past the timeout: the case did not happen"
+    assert report.duplicates == 0, "a second copy of a waiting record never runs beside or after the first"
+    assert report.overlaps == [] and report.order_violations == []
+    assert_complete(report, pipeline.ends())

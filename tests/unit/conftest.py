@@ -7,8 +7,8 @@ import fakeredis
 import pytest
 from dramatiq.brokers.stub import StubBroker
 
-from bridge.handlers import clear_registry
 from bridge.ledger import Ledger
+from bridge.registry import clear_registry
 
 
 @pytest.fixture

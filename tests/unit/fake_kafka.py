@@ -1,5 +1,7 @@
-"""A scripted stand-in for confluent_kafka.Consumer: enough of its surface for the bridge's
-main loop, with every commit, pause and assignment recorded for assertions."""
+"""A scripted stand-in for confluent_kafka.Consumer: the bridge's :class:`KafkaConsumer` surface,
+with every commit, pause and assignment recorded for assertions. mypy checks it against the
+protocol (``_conforms`` below), and tests/contract runs the same contract tests against it and
+against a real broker."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from bridge.consumer import KafkaConsumer, Rebalance
 
 
 @dataclass
@@ -20,7 +24,7 @@ class FakeMessage:
     _value: bytes | None = b"v"
     _headers: list[tuple[str, bytes | None]] | None = None
 
-    def error(self) -> None:
+    def error(self) -> KafkaError | None:
         return None
 
     def topic(self) -> str:
@@ -47,7 +51,7 @@ class FakeMessage:
 
 @dataclass
 class FakeConsumer:
-    """Partitions and their logs; ``assign``/``revoke``/``lose`` schedule rebalance callbacks,
+    """Partitions and their logs; ``grant``/``take_back``/``lose`` schedule rebalance callbacks,
     which run inside the next ``consume`` as with the real client."""
 
     config: dict[str, Any]
@@ -60,27 +64,31 @@ class FakeConsumer:
     _callbacks: dict[str, Any] = field(default_factory=dict)
     _events: deque[tuple[str, list[tuple[str, int]]]] = field(default_factory=deque)
     _pending_commit_reports: list[list[TopicPartition]] = field(default_factory=list)
+    closed: bool = False
 
     def add(self, topic: str, partition: int, count: int, **fields: Any) -> None:
         log = self.logs.setdefault((topic, partition), [])
         start = len(log)
         log.extend(FakeMessage(topic, partition, start + i, **fields) for i in range(count))
 
-    def assign(self, *tps: tuple[str, int]) -> None:
+    def grant(self, *tps: tuple[str, int]) -> None:
+        """The group assigns ``tps`` (the callback runs inside the next ``consume``)."""
         self._events.append(("assign", list(tps)))
 
-    def revoke(self, *tps: tuple[str, int]) -> None:
+    def take_back(self, *tps: tuple[str, int]) -> None:
+        """The group revokes ``tps``."""
         self._events.append(("revoke", list(tps)))
 
     def lose(self, *tps: tuple[str, int]) -> None:
+        """The group lost ``tps`` (session timeout)."""
         self._events.append(("lost", list(tps)))
 
     # -- the consumer surface ----------------------------------------------------------------
 
-    def list_topics(self, topic: str | None = None, timeout: float = 0) -> Any:
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         return SimpleNamespace(topics={t: SimpleNamespace(error=None) for t, _ in self.logs})
 
-    def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any, on_lost: Any) -> None:
+    def subscribe(self, topics: list[str], on_assign: Rebalance, on_revoke: Rebalance, on_lost: Rebalance) -> None:
         self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
 
     def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
@@ -102,9 +110,13 @@ class FakeConsumer:
                 self.positions[tp] += 1
         return out
 
-    def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get((tp.topic, tp.partition), -1001))
                 for tp in partitions]
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned.clear()
+        self.incremental_assign(partitions)
 
     def incremental_assign(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -134,8 +146,18 @@ class FakeConsumer:
             return None
         return result
 
-    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float = 0) -> tuple[int, int]:
-        return 0, len(self.logs.get((tp.topic, tp.partition), []))
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = -1, cached: bool = False
+    ) -> tuple[int, int]:
+        return 0, len(self.logs.get((partition.topic, partition.partition), []))
 
     def close(self) -> None:
-        pass
+        """Leave the group: what is assigned is revoked first, as the real client does."""
+        if self.assigned and "revoke" in self._callbacks:
+            self._callbacks["revoke"](self, [TopicPartition(t, p) for t, p in sorted(self.assigned)])
+        self.assigned.clear()
+        self.closed = True
+
+
+def _conforms(consumer: FakeConsumer) -> KafkaConsumer:
+    return consumer

@@ -35,7 +35,7 @@ def serving(**limits: Any) -> Iterator[Endpoints]:
 
 
 def dropped(endpoints: Endpoints, reason: str) -> float | None:
-    return endpoints._metrics.registry.get_sample_value(
+    return endpoints.metrics.registry.get_sample_value(
         "kafka_dramatiq_bridge_http_connections_dropped_total", {"reason": reason}
     )
 
@@ -123,7 +123,7 @@ def test_probes_are_answered_with_hundreds_of_idle_connections_open_and_no_threa
                 assert get(endpoints.port, path).split(b"\r\n", 1)[0] in (b"HTTP/1.0 200 OK",
                                                                          b"HTTP/1.0 503 Service Unavailable")
             assert threading.active_count() == threads
-            assert len(endpoints._open) <= 8
+            assert endpoints.open_connections <= 8
         finally:
             for sock in idle:
                 sock.close()
@@ -172,7 +172,7 @@ class Large(Collector):
 
 def test_a_client_that_does_not_read_a_large_answer_blocks_nobody_and_is_dropped_after_the_response_timeout() -> None:
     with serving(response_timeout=2) as endpoints:
-        endpoints._metrics.registry.register(Large())
+        endpoints.metrics.registry.register(Large())
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", endpoints.port))
@@ -181,10 +181,10 @@ def test_a_client_that_does_not_read_a_large_answer_blocks_nobody_and_is_dropped
             started = time.monotonic()
             assert get(endpoints.port, "/livez").startswith(b"HTTP/1.0 200 OK")
             assert time.monotonic() - started < 1, "the probe waited for the slow reader"
-            assert len(endpoints._open) == 1 and dropped(endpoints, "timeout") == 0, "the answer went through"
+            assert endpoints.open_connections == 1 and dropped(endpoints, "timeout") == 0, "the answer went through"
             wait_until(lambda: dropped(endpoints, "timeout") == 1, 5, message="the slow reader stayed")
             assert time.monotonic() - started >= 1.5
-            assert len(endpoints._open) == 0
+            assert endpoints.open_connections == 0
 
 
 def test_close_stops_the_thread_closes_the_connections_and_frees_the_port() -> None:
@@ -192,7 +192,7 @@ def test_close_stops_the_thread_closes_the_connections_and_frees_the_port() -> N
         port = endpoints.port
         idle = connect(port)
         time.sleep(0.1)
-    assert not endpoints._thread.is_alive()
+    assert not endpoints.serving
     assert closed_by_server(idle, 1) is not None
     idle.close()
     with socket.socket() as again:

@@ -11,7 +11,8 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Middleware
 
-from bridge.enqueue import EnqueueError, enqueue_many, pipelined
+from bridge.enqueue import enqueue_many, pipelined
+from bridge.errors import PartialDispatch, TaskBrokerUnavailable
 
 
 class Seen(Middleware):
@@ -59,6 +60,7 @@ def test_a_failing_redis_reports_that_nothing_is_known_sent() -> None:
     broker = RedisBroker(client=fakeredis.FakeRedis(server=server))
     broker._max_unpack_size()
     server.connected = False
-    with pytest.raises(EnqueueError) as raised:
+    with pytest.raises(PartialDispatch) as raised:
         enqueue_many(broker, [message(n) for n in range(3)])
-    assert raised.value.done == 0
+    assert raised.value.sent == 0
+    assert isinstance(raised.value.cause, TaskBrokerUnavailable)

@@ -9,8 +9,8 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 
 from bridge import HandlerError, Record, kafka_handler
-from bridge.handlers import handlers_by_topic
 from bridge.record import envelope
+from bridge.registry import handlers_by_topic
 
 
 def test_the_decorated_actor_is_returned_unchanged_and_still_callable(stub_broker: StubBroker) -> None:

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bridge import Record, codecs, kafka_handler
+from bridge.bridge import Bridge
 from bridge.deadletter import Outcome
-from bridge.handlers import clear_registry, handlers_by_topic
 from bridge.ledger import Ledger
-from bridge.middleware import LedgerMiddleware
 from bridge.record import envelope, open_envelope
-from bridge.runner import Bridge
-from bridge.settings import load_settings
+from bridge.registry import clear_registry, handlers_by_topic
+from bridge.settings import WorkerSettings, load_settings
+from bridge.worker import LedgerMiddleware, install
 from tests.unit.fake_kafka import FakeConsumer, FakeMessage
 
 T = "hostile"
@@ -90,8 +90,8 @@ def test_decoding_any_bytes_returns_them_or_raises_a_decode_error(
 
 @pytest.mark.parametrize("kind", ["list", "dict"])
 def test_json_deeper_than_the_limit_is_undecodable_not_a_crash(kind: str) -> None:
-    assert codecs.decode("json", nested(codecs.max_json_depth, kind)) is not None
-    for depth in (codecs.max_json_depth + 1, 5_000, 200_000):
+    assert codecs.decode("json", nested(codecs.MAX_JSON_DEPTH, kind)) is not None
+    for depth in (codecs.MAX_JSON_DEPTH + 1, 5_000, 200_000):
         with pytest.raises(codecs.DecodeError, match="JSON"):
             codecs.decode("json", nested(depth, kind))
 
@@ -124,6 +124,8 @@ def _pipeline(batch: list[tuple[bytes | None, bytes | None, list[tuple[str, byte
     broker = StubBroker()
     broker.emit_after("process_boot")
     dramatiq.set_broker(broker)
+    ledger = Ledger(fakeredis.FakeRedis(decode_responses=True))
+    install(broker, LedgerMiddleware(WorkerSettings(), ledger=ledger))
     seen: dict[int, Record] = {}
 
     @kafka_handler(T, ordering="key", key_codec="json", value_codec="json")
@@ -139,20 +141,18 @@ def _pipeline(batch: list[tuple[bytes | None, bytes | None, list[tuple[str, byte
         consumer_box.append(consumer)
         return consumer
 
-    ledger = Ledger(fakeredis.FakeRedis(decode_responses=True))
     dead = AckingDeadLetters()
     bridge = Bridge(
         load_settings(group_id="g", commit_interval=0.001, progress_interval=0, max_message_bytes=MAX_BYTES,
                       http_port=0),
         handlers_by_topic(), ledger=ledger, consumer_factory=factory, dead_letters=dead,  # type: ignore[arg-type]
     )
-    next(m for m in broker.middleware if isinstance(m, LedgerMiddleware))._ledger = ledger
     worker = dramatiq.Worker(broker, worker_timeout=20, worker_threads=2)
     worker.start()
     try:
         assert bridge.start()
         consumer = consumer_box[0]
-        consumer.assign((T, 0))
+        consumer.grant((T, 0))
         deadline = time.monotonic() + 20
         while consumer.committed_offsets.get((T, 0), 0) < len(batch):
             assert time.monotonic() < deadline, f"stuck: committed {consumer.committed_offsets}, seen {sorted(seen)}"

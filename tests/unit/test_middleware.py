@@ -15,18 +15,26 @@ from dramatiq.middleware import Middleware, Retries, SkipMessage
 from bridge import Record, current_record, kafka_handler
 from bridge.keys import PartitionKeys, lane_name
 from bridge.ledger import Ledger, Try
-from bridge.middleware import OPTION, LedgerMiddleware
+from bridge.protocol import OPTION, Meta
 from bridge.record import envelope
+from bridge.settings import WorkerSettings
+from bridge.worker import LedgerMiddleware, install
 
 GROUP = "g"
 
 
-def ledger_middleware(broker: StubBroker) -> LedgerMiddleware:
-    return next(m for m in broker.middleware if isinstance(m, LedgerMiddleware))
+def configured(ledger: Ledger, **settings: Any) -> LedgerMiddleware:
+    """The middleware with its ledger and settings given, as a test installs it before any handler."""
+    return LedgerMiddleware(WorkerSettings(**{"lane_refresh_interval": 0.02, **settings}), ledger=ledger)
 
 
 @pytest.fixture
-def worker(stub_broker: StubBroker, ledger: Ledger) -> Iterator[dramatiq.Worker]:
+def middleware(stub_broker: StubBroker, ledger: Ledger) -> LedgerMiddleware:
+    return install(stub_broker, configured(ledger))
+
+
+@pytest.fixture
+def worker(stub_broker: StubBroker, middleware: LedgerMiddleware) -> Iterator[dramatiq.Worker]:
     # Handlers must be registered before the worker boots; the test body does that, so the
     # fixture hands out a factory-like worker started lazily by send().
     w = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=2)
@@ -53,16 +61,20 @@ def send(
             actor_name=actor.actor_name,
             args=(envelope(topic, 0, offset, key, value, [("h", b"\x00"), ("h", None)], 1700000000000),),
             kwargs={},
-            options={OPTION: {"g": GROUP, "t": topic, "p": 0, "o": offset, "e": epoch}, **options},
+            options={OPTION: meta(topic, offset, epoch=epoch), **options},
         )
     )
 
 
 def run(broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, topic: str) -> None:
-    ledger_middleware(broker)._ledger = ledger
     worker.start()
     broker.join(lane_name(GROUP, topic, 0), timeout=10_000, fail_fast=False)
     worker.join()
+
+
+def meta(topic: str, offset: int, *, epoch: int = 1, **fields: Any) -> dict[str, Any]:
+    """The ``kdb`` option of a message the bridge would send."""
+    return Meta(GROUP, topic, 0, offset, epoch, **fields).to_option()
 
 
 def keys(topic: str) -> PartitionKeys:
@@ -144,7 +156,6 @@ def test_a_failure_that_will_be_retried_is_alive_until_its_backoff_ends(
         raise ValueError("transient")
 
     send(stub_broker, handle, "orders", 4)
-    ledger_middleware(stub_broker)._ledger = ledger
     before = ledger.time_ms()
     worker.start()
     eventually(lambda: ledger.running(keys("orders")).get(4, {}).get("s") == "retry")
@@ -224,7 +235,7 @@ def test_a_message_for_an_unknown_actor_is_a_final_failure(
             actor_name="no_such_actor",
             args=(envelope("orders", 0, 8, None, b"", None, None),),
             kwargs={},
-            options={OPTION: {"g": GROUP, "t": "orders", "p": 0, "o": 8, "e": 1}},
+            options={OPTION: meta("orders", 8)},
         )
     )
     run(stub_broker, worker, ledger, "orders")
@@ -273,7 +284,7 @@ def test_an_undecodable_value_fails_at_once_without_reaching_the_actor(
     assert failed[1]["attempts"] == 1
 
 
-def test_the_middleware_sits_before_retries(stub_broker: StubBroker) -> None:
+def test_the_middleware_sits_before_retries(stub_broker: StubBroker, middleware: LedgerMiddleware) -> None:
     @kafka_handler("orders")
     @dramatiq.actor
     def handle(record: Record) -> None:
@@ -284,15 +295,14 @@ def test_the_middleware_sits_before_retries(stub_broker: StubBroker) -> None:
     assert kinds.count(LedgerMiddleware) == 1
 
 
-def test_lanes_opened_by_a_bridge_are_declared_in_the_worker(stub_broker: StubBroker, ledger: Ledger) -> None:
+def test_lanes_opened_by_a_bridge_are_declared_in_the_worker(
+    stub_broker: StubBroker, ledger: Ledger, middleware: LedgerMiddleware
+) -> None:
     @kafka_handler("orders")
     @dramatiq.actor
     def handle(record: Record) -> None:
         pass
 
-    middleware = ledger_middleware(stub_broker)
-    middleware._ledger = ledger
-    middleware._lane_refresh_interval = 0.02
     ledger.open_lanes({lane_name(GROUP, "orders", 0): "orders", lane_name(GROUP, "other", 0): "other"})
     worker = dramatiq.Worker(stub_broker, worker_timeout=50, worker_threads=1)
     worker.start()
@@ -312,14 +322,13 @@ def test_lanes_opened_by_a_bridge_are_declared_in_the_worker(stub_broker: StubBr
 def send_chained(broker: StubBroker, actor: dramatiq.Actor[Any, Any], topic: str, offset: int, prev: int) -> None:
     lane = lane_name(GROUP, topic, 0)
     broker.declare_queue(lane)
-    meta = {"g": GROUP, "t": topic, "p": 0, "o": offset, "e": 1, "pv": prev}
     broker.enqueue(
         dramatiq.Message(
             queue_name=lane,
             actor_name=actor.actor_name,
             args=(envelope(topic, 0, offset, b"k", b"v", [], None),),
             kwargs={},
-            options={OPTION: meta},
+            options={OPTION: meta(topic, offset, prev=prev)},
         )
     )
 
@@ -360,11 +369,8 @@ def one_thread_worker(
     broker: StubBroker, ledger: Ledger, recheck: float | None = None
 ) -> tuple[list[int], dramatiq.Actor[Any, Any], LedgerMiddleware, dramatiq.Worker]:
     """A handler recording offsets, and a started worker with a single thread."""
+    middleware = install(broker, configured(ledger, **({"park_recheck_interval": recheck} if recheck else {})))
     events, handle = offset_recorder(max_retries=0)
-    middleware = ledger_middleware(broker)
-    middleware._ledger = ledger
-    if recheck is not None:
-        middleware._park_recheck_interval = recheck
     worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
     worker.start()
     return events, handle, middleware, worker
@@ -415,7 +421,8 @@ def test_a_shutdown_puts_parked_records_back_on_their_lane(stub_broker: StubBrok
 
 
 def test_a_failed_ledger_write_is_counted_for_the_workers_metrics(
-    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, middleware: LedgerMiddleware,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from prometheus_client import REGISTRY
 
@@ -436,16 +443,14 @@ def test_a_failed_ledger_write_is_counted_for_the_workers_metrics(
     run(stub_broker, worker, ledger, "metered")
     assert REGISTRY.get_sample_value(name, {"operation": "finish"}) == before + 1
     assert REGISTRY.get_sample_value(name, {"operation": "start"}) is not None, "exported from 0 on"
-    assert ledger_middleware(stub_broker).ledger_write_failures == 1
+    assert middleware.ledger_write_failures == 1
     assert ledger.done_from(keys("metered"), 0) == set(), "nothing recorded: the bridge dispatches it again"
 
 
 def test_a_message_of_a_newer_protocol_version_is_refused_loudly_and_goes_back(
-    stub_broker: StubBroker, ledger: Ledger, caplog: pytest.LogCaptureFixture
+    stub_broker: StubBroker, ledger: Ledger, middleware: LedgerMiddleware, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, handle = offset_recorder()
-    middleware = ledger_middleware(stub_broker)
-    middleware._ledger, middleware._broker = ledger, stub_broker
     lane = lane_name(GROUP, "orders", 0)
     stub_broker.declare_queue(lane)
     message = dramatiq.MessageProxy(
@@ -492,7 +497,7 @@ def test_a_copy_dispatched_again_continues_the_retry_count_of_the_one_it_replace
             actor_name=handle.actor_name,
             args=(envelope("orders", 0, 1, b"k", b"v", [], None),),
             kwargs={},
-            options={OPTION: {"v": 2, "g": GROUP, "t": "orders", "p": 0, "o": 1, "e": 1, "a": 2}},
+            options={OPTION: meta("orders", 1, attempt=2)},
         )
     )
     run(stub_broker, worker, ledger, "orders")
@@ -504,7 +509,7 @@ def test_an_unparked_record_skipped_by_another_middleware_leaks_nothing_and_is_n
     import fakeredis
     from dramatiq.brokers.redis import RedisBroker
 
-    from bridge.handlers import clear_registry
+    from bridge.registry import clear_registry
 
     server = fakeredis.FakeServer()
     ledger = Ledger(fakeredis.FakeRedis(server=server, decode_responses=True))
@@ -523,23 +528,21 @@ def test_an_unparked_record_skipped_by_another_middleware_leaks_nothing_and_is_n
     broker.add_middleware(SkipSixWhenUnparked(), before=Retries)
     dramatiq.set_broker(broker)
     try:
+        middleware = install(broker, configured(ledger))
         calls, handle = offset_recorder(max_retries=0)
-        middleware = ledger_middleware(broker)
-        middleware._ledger = ledger
         lane = lane_name(GROUP, "orders", 0)
         broker.declare_queue(lane)
         worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=1)
         worker.start()
         try:
             for offset, prev in ((6, 5), (5, -1)):  # 6 parks, 5 runs and hands 6 over
-                meta = {"v": 2, "g": GROUP, "t": "orders", "p": 0, "o": offset, "e": 1, "pv": prev}
                 broker.enqueue(
                     dramatiq.Message(
                         queue_name=lane,
                         actor_name=handle.actor_name,
                         args=(envelope("orders", 0, offset, b"k", b"v", [], None),),
                         kwargs={},
-                        options={OPTION: meta},
+                        options={OPTION: meta("orders", offset, prev=prev)},
                     )
                 )
                 if offset == 6:
@@ -548,7 +551,7 @@ def test_an_unparked_record_skipped_by_another_middleware_leaks_nothing_and_is_n
         finally:
             worker.stop()
         assert calls == [5]
-        assert middleware._released == {} and middleware._approved == {}
+        assert middleware.handoff.waiting == 0, "nothing left to put back at shutdown"
         assert ledger.running(keys("orders")) == {}, "the start recorded for 6 went with its skip"
         assert ledger.client.llen(f"dramatiq:{lane}") == 0, "nothing put back to run again"
     finally:

@@ -8,7 +8,8 @@ from confluent_kafka import KafkaError
 
 from bridge.denied import access_denied
 from bridge.errors import FatalError, KafkaAccessDenied, LedgerAccessDenied, LedgerUnavailable
-from bridge.ledger import _failure
+from bridge.ledger import LedgerError
+from bridge.ledger.connection import failure
 from bridge.settings import load_settings
 
 SETTINGS = load_settings(bootstrap_servers="kafka-1:9094", group_id="orders-bridge",
@@ -38,11 +39,28 @@ def test_what_retrying_can_cure_is_not_a_refusal(code: int) -> None:
 
 
 def test_a_redis_permission_refusal_is_fatal_and_an_outage_is_not() -> None:
-    refused = _failure("bumping epochs", redis.exceptions.NoPermissionError("this user has no permissions"))
+    refused = failure("bumping epochs", redis.exceptions.NoPermissionError("this user has no permissions"))
     assert isinstance(refused, LedgerAccessDenied) and isinstance(refused, FatalError)
-    assert isinstance(refused, LedgerUnavailable), "workers handle it like an outage"
+    assert not isinstance(refused, LedgerUnavailable), "fatal only: waiting cannot grant a permission"
+    assert isinstance(refused, LedgerError), "workers catch it with every ledger failure (logged, counted)"
     assert refused.exit_code == 7 and "docs/security.md" in str(refused)
-    in_script = _failure("staging", redis.exceptions.ResponseError("NOPERM this user has no permissions to run 'x'"))
+    in_script = failure("staging", redis.exceptions.ResponseError("NOPERM this user has no permissions to run 'x'"))
     assert isinstance(in_script, LedgerAccessDenied)
-    down = _failure("heartbeat", redis.exceptions.ConnectionError("Connection refused"))
+    down = failure("heartbeat", redis.exceptions.ConnectionError("Connection refused"))
     assert type(down) is LedgerUnavailable
+
+
+def test_a_refusal_inside_a_script_names_the_command_the_script_needed() -> None:
+    import hashlib
+
+    from bridge.ledger.client import _script
+    from bridge.ledger.client import failure as ledger_failure
+
+    source = _script("bump")
+    sha = hashlib.sha1(source.encode()).hexdigest()
+    line = next(n for n, text in enumerate(source.splitlines(), 1) if "PERSIST" in text)
+    refused = ledger_failure("bumping epochs", redis.exceptions.ResponseError(
+        f"The user executing the script can't run this command or subcommand script: {sha}, on @user_script:{line}."
+    ))
+    assert isinstance(refused, LedgerAccessDenied)
+    assert "needs the persist command" in str(refused)

@@ -6,118 +6,61 @@ committed offset). Every write is idempotent: the same offset may finish twice. 
 the assignment that produced them; starts are fenced by the partition's epoch, and a failure of an
 older epoch never releases a record of a newer one.
 
-The Lua scripts live in ``lua/``; each is ``common.lua`` followed by its own body, and every
+The Lua scripts live in ``lua/`` beside this module; each is ``common.lua`` followed by its own body, and every
 liveness decision in them reads the Redis clock (``TIME``), never a client's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, cast
 
 import redis
 
-from .errors import LedgerAccessDenied, LedgerUnavailable
-from .keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
-from .protocol import failure_json
-
-StartResult = Literal["run", "fenced", "done", "superseded", "wait", "duplicate"]
-
-_START_CODES: dict[int, StartResult] = {
-    0: "fenced",
-    1: "run",
-    2: "done",
-    3: "superseded",
-    4: "wait",
-    5: "duplicate",
-}
+from ..errors import LedgerAccessDenied, LedgerUnavailable
+from ..keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
+from ..protocol import failure_json
+from .connection import failure as _refused_or_down
+from .connection import safe_url
+from .facts import START_CODES, Beats, Finished, Handover, Progress, Stale, StartResult, Try
 
 
-def _script(name: str) -> str:
-    lua = resources.files("bridge").joinpath("lua")
-    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+def _script(name: str, *, common: bool = True) -> str:
+    lua = resources.files("bridge.ledger").joinpath("lua")
+    prelude = lua.joinpath("common.lua").read_text() + "\n" if common else ""
+    return prelude + lua.joinpath(f"{name}.lua").read_text()
 
 
 _SCRIPTS = ("start", "finish", "stage", "beat", "stale", "handover", "bump", "fail", "prune")
 
+#: What a ledger call raises: an outage (retried) or a refused permission (fatal for the bridge).
+LedgerError = (LedgerUnavailable, LedgerAccessDenied)
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """What the ledger knows about a span of offsets of one partition."""
-
-    done: list[int]
-    failed: dict[int, dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Stale:
-    """The answer about records that showed no progress: done or failed meanwhile, or to be
-    dispatched again under the attempt number given."""
-
-    progress: Progress
-    again: dict[int, int]
+#: Every script's source by its SHA1, to name the command a refused script needed.
+_SOURCES = {
+    hashlib.sha1(source.encode()).hexdigest(): source
+    for source in [*(_script(name) for name in _SCRIPTS), _script("lanes_seen", common=False),
+                   _script("lanes_expired", common=False)]
+}
+_SCRIPT_LINE = re.compile(r"script: (?P<sha>[0-9a-f]{40}), on @user_script:(?P<line>\d+)")
+_CALL = re.compile(r"redis\.call\('(?P<command>[A-Z]+)'")
 
 
-@dataclass(frozen=True, slots=True)
-class Handover:
-    """What a new owner reads before it dispatches."""
-
-    #: Offsets of older epochs whose copies are running now.
-    running: list[int]
-    done: set[int]
-    failed: dict[int, dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """The answer to a finish: the start verdict of the next record, if one was tried.
-
-    ``parked`` is the verdict of the successor parked in the finishing process; ``staged`` and
-    ``body`` are the record the bridge had staged behind the finished one (its encoded message),
-    started unless ``staged`` says otherwise; ``retries`` is the retry count the started record
-    continues with.
-    """
-
-    parked: StartResult | None = None
-    staged: StartResult | None = None
-    body: bytes | None = None
-    retries: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Try:
-    """One copy of a record as the scripts identify it."""
-
-    offset: int
-    epoch: int
-    attempt: int
-    retries: int
-    token: str
-
-
-@dataclass(slots=True)
-class Beats:
-    """Signs of life of one worker process for one partition."""
-
-    #: (offset, token, registration JSON) of each copy running.
-    running: list[tuple[int, str, str]] = field(default_factory=list)
-    #: Offsets of records parked.
-    parked: list[int] = field(default_factory=list)
-
-
-def connect(url: str, **kwargs: Any) -> redis.Redis:
-    """A Redis client for the ledger with timeouts, so a stopped server cannot hang a caller."""
-    options: dict[str, Any] = {
-        "socket_timeout": 5.0,
-        "socket_connect_timeout": 5.0,
-        "health_check_interval": 30,
-        "decode_responses": True,
-    }
-    options.update(kwargs)
-    return redis.Redis.from_url(url, **options)
+def failure(what: str, error: redis.RedisError) -> LedgerUnavailable | LedgerAccessDenied:
+    """Translate ``error``; a refusal inside a script names the command on the refused line."""
+    hint = ""
+    found = _SCRIPT_LINE.search(str(error))
+    if found and (source := _SOURCES.get(found["sha"])):
+        lines = source.splitlines()
+        number = int(found["line"])
+        call = _CALL.search(lines[number - 1]) if 0 < number <= len(lines) else None
+        if call:
+            hint = f" (a script needs the {call['command'].lower()} command)"
+    return _refused_or_down(what, error, hint)
 
 
 class Ledger:
@@ -126,8 +69,8 @@ class Ledger:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
-        self._seen_lanes = client.register_script(_SEEN_LANES)
-        self._expired_lanes = client.register_script(_EXPIRED_LANES)
+        self._seen_lanes = client.register_script(_script("lanes_seen", common=False))
+        self._expired_lanes = client.register_script(_script("lanes_expired", common=False))
 
     def _run(self, name: str, keys: PartitionKeys, args: Sequence[Any], client: Any = None) -> Any:
         return self._scripts[name](keys=keys.script_keys, args=list(args), client=client)
@@ -145,8 +88,8 @@ class Ledger:
         try:
             code, retries = self._run("start", keys, args)
         except redis.RedisError as e:
-            raise _failure(f"ledger start of {keys.topic}[{keys.partition}]@{copy.offset}", e) from e
-        return _START_CODES[int(code)], int(retries)
+            raise failure(f"ledger start of {keys.topic}[{keys.partition}]@{copy.offset}", e) from e
+        return START_CODES[int(code)], int(retries)
 
     def finish(
         self,
@@ -177,12 +120,12 @@ class Ledger:
         try:
             reply = self._run("finish", keys, args)
         except redis.RedisError as e:
-            raise _failure(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{copy.offset}", e) from e
+            raise failure(f"ledger {outcome} of {keys.topic}[{keys.partition}]@{copy.offset}", e) from e
         parked_code, staged_code = int(reply[0]), int(reply[1])
         body = reply[2] if len(reply) > 2 else None
         return Finished(
-            parked=_START_CODES.get(parked_code),
-            staged=_START_CODES.get(staged_code),
+            parked=START_CODES.get(parked_code),
+            staged=START_CODES.get(staged_code),
             body=body.encode() if isinstance(body, str) else None,
             retries=int(reply[3]) if len(reply) > 3 else 0,
         )
@@ -199,14 +142,14 @@ class Ledger:
                     self._run("beat", keys, args, client=pipe)
                 pipe.execute()
         except redis.RedisError as e:
-            raise _failure("heartbeat", e) from e
+            raise failure("heartbeat", e) from e
 
     def lanes(self) -> dict[str, str]:
         """Lane name -> topic for every lane any bridge has opened."""
         try:
             raw = cast(dict[str, str], self.client.hgetall(LANES_KEY))
         except redis.RedisError as e:
-            raise _failure("reading lanes", e) from e
+            raise failure("reading lanes", e) from e
         return dict(raw)
 
     # -- bridge side ------------------------------------------------------------------------
@@ -221,7 +164,7 @@ class Ledger:
                 self._seen_lanes(keys=[LANES_SEEN_KEY], args=list(lanes), client=pipe)
                 pipe.execute()
         except redis.RedisError as e:
-            raise _failure("registering lanes", e) from e
+            raise failure("registering lanes", e) from e
 
     def forget_lanes(self, older_than_ms: int) -> list[str]:
         """Drop lanes no bridge has registered for ``older_than_ms`` (deleted partitions)."""
@@ -230,7 +173,7 @@ class Ledger:
             if gone:
                 self.client.hdel(LANES_KEY, *gone)
         except redis.RedisError as e:
-            raise _failure("forgetting lanes", e) from e
+            raise failure("forgetting lanes", e) from e
         return list(gone)
 
     def bump_epochs(self, partitions: Mapping[PartitionKeys, tuple[int, int]]) -> list[int]:
@@ -243,7 +186,7 @@ class Ledger:
                     self._run("bump", keys, [committed, known], client=pipe)
                 return [int(v) for v in pipe.execute()]
         except redis.RedisError as e:
-            raise _failure("bumping epochs", e) from e
+            raise failure("bumping epochs", e) from e
 
     def epochs(self, partitions: Sequence[PartitionKeys]) -> list[int | None]:
         """The current epoch of each partition; None where the ledger has none (lost)."""
@@ -255,7 +198,7 @@ class Ledger:
                     pipe.get(keys.epoch)
                 return [int(v) if v is not None else None for v in pipe.execute()]
         except redis.RedisError as e:
-            raise _failure("reading epochs", e) from e
+            raise failure("reading epochs", e) from e
 
     def retire(self, partitions: Sequence[PartitionKeys], ttl: int) -> None:
         """Let the keys of partitions this bridge gave up expire unless a new owner takes them
@@ -269,7 +212,7 @@ class Ledger:
                         pipe.expire(key, ttl)
                 pipe.execute()
         except redis.RedisError as e:
-            raise _failure("retiring partitions", e) from e
+            raise failure("retiring partitions", e) from e
 
     def handover(
         self, partitions: Mapping[PartitionKeys, tuple[int, int]], live: float
@@ -285,7 +228,7 @@ class Ledger:
                     self._run("handover", keys, [epoch, int(live * 1000), max(start, 0)], client=pipe)
                 replies = pipe.execute()
         except redis.RedisError as e:
-            raise _failure("reading the ledger for newly assigned partitions", e) from e
+            raise failure("reading the ledger for newly assigned partitions", e) from e
         result = {}
         for (keys, _), (running, done, failed) in zip(items, replies, strict=True):
             result[keys] = Handover(
@@ -308,7 +251,7 @@ class Ledger:
                     self._run("stale", keys, [int(timeout * 1000), *offsets], client=pipe)
                 replies = pipe.execute()
         except redis.RedisError as e:
-            raise _failure("checking records without progress", e) from e
+            raise failure("checking records without progress", e) from e
         result = {}
         for (keys, _), (done, failed, again) in zip(items, replies, strict=True):
             numbers = [int(v) for v in again]
@@ -331,7 +274,7 @@ class Ledger:
                         self._run("fail", keys, args, client=pipe)
                 pipe.execute()
         except redis.RedisError as e:
-            raise _failure("recording failures", e) from e
+            raise failure("recording failures", e) from e
 
     def stage(
         self,
@@ -353,27 +296,27 @@ class Ledger:
                     self._run("stage", keys, args, client=pipe)
                 replies = pipe.execute()
         except redis.RedisError as e:
-            raise _failure("staging records", e) from e
+            raise failure("staging records", e) from e
         return {keys: [int(i) - 1 for i in late] for (keys, _), late in zip(items, replies, strict=True)}
 
     def running(self, keys: PartitionKeys) -> dict[int, dict[str, Any]]:
         try:
             raw = cast(dict[str, str], self.client.hgetall(keys.running))
         except redis.RedisError as e:
-            raise _failure(f"reading running records of {keys.topic}[{keys.partition}]", e) from e
+            raise failure(f"reading running records of {keys.topic}[{keys.partition}]", e) from e
         return {int(k): json.loads(v) for k, v in raw.items()}
 
     def ping(self) -> None:
         try:
             self.client.ping()
         except redis.RedisError as e:
-            raise _failure(f"ledger at {_safe_url(self.client)} does not answer", e) from e
+            raise failure(f"ledger at {safe_url(self.client)} does not answer", e) from e
 
     def done_from(self, keys: PartitionKeys, low: int) -> set[int]:
         try:
             raw = cast(list[str], self.client.zrangebyscore(keys.done, low, "+inf"))
         except redis.RedisError as e:
-            raise _failure(f"reading done offsets of {keys.topic}[{keys.partition}]", e) from e
+            raise failure(f"reading done offsets of {keys.topic}[{keys.partition}]", e) from e
         return {int(v) for v in raw}
 
     def completions(self, partitions: Sequence[PartitionKeys], limit: int = 5000) -> dict[PartitionKeys, Progress]:
@@ -405,7 +348,7 @@ class Ledger:
                     # A failure settled or overtaken by a success meanwhile has no detail left.
                     result[keys].failed.update({o: json.loads(v) for o, v in zip(offsets, values, strict=True) if v})
         except redis.RedisError as e:
-            raise _failure("reading ledger progress", e) from e
+            raise failure("reading ledger progress", e) from e
         return result
 
     def settle(self, keys: PartitionKeys, offsets: Iterable[int]) -> None:
@@ -420,7 +363,7 @@ class Ledger:
                 pipe.hdel(keys.attempts, *[str(o) for o in offsets])
                 pipe.execute()
         except redis.RedisError as e:
-            raise _failure(f"settling failures of {keys.topic}[{keys.partition}]", e) from e
+            raise failure(f"settling failures of {keys.topic}[{keys.partition}]", e) from e
 
     def prune(self, committed: Mapping[PartitionKeys, int]) -> None:
         """Forget facts below each committed offset; Kafka's committed offset covers them."""
@@ -432,14 +375,14 @@ class Ledger:
                     self._run("prune", keys, [offset], client=pipe)
                 pipe.execute()
         except redis.RedisError as e:
-            raise _failure("pruning ledger", e) from e
+            raise failure("pruning ledger", e) from e
 
     def time_ms(self) -> int:
         """The Redis clock, the one every bridge, worker and ``status`` compares against."""
         try:
             seconds, micros = self.client.time()
         except redis.RedisError as e:
-            raise _failure("reading the ledger's clock", e) from e
+            raise failure("reading the ledger's clock", e) from e
         return int(seconds) * 1000 + int(micros) // 1000
 
     def publish_status(self, key: str, entries: Mapping[str, str]) -> None:
@@ -448,45 +391,8 @@ class Ledger:
         try:
             self.client.hset(key, mapping=cast(Any, dict(entries)))
         except redis.RedisError as e:
-            raise _failure("publishing status", e) from e
-
-
-# KEYS: the lanes' last-registration zset. ARGV: lane names.
-_SEEN_LANES = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, lane in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, lane) end
-return 1
-"""
-
-# KEYS: the lanes' last-registration zset. ARGV: age in ms. Takes the lanes not registered since.
-_EXPIRED_LANES = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
-return gone
-"""
+            raise failure("publishing status", e) from e
 
 
 def _pairs(flat: Sequence[Any]) -> dict[int, dict[str, Any]]:
     return {int(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-def _failure(what: str, error: redis.RedisError) -> LedgerUnavailable:
-    """The bridge's error for a failed ledger call: a refusal by Redis ACLs, or an outage."""
-    text = str(error)
-    if isinstance(error, redis.exceptions.NoPermissionError) or "no permissions" in text or "NOPERM" in text:
-        return LedgerAccessDenied(
-            f"{what}: the ledger's Redis user may not do this; give it the ACL rule in docs/security.md "
-            f"(BRIDGE_REDIS_URL names the user): {error}"
-        )
-    return LedgerUnavailable(f"{what}: {error}")
-
-
-def _safe_url(client: redis.Redis) -> str:
-    """host:port/db of a client, without credentials."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

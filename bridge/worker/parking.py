@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from .keys import FINISHED_PATTERN
+from ..keys import FINISHED_PATTERN
 
 logger = logging.getLogger("bridge.worker")
 

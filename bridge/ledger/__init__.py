@@ -1,0 +1,18 @@
+"""The ack ledger in Redis: done facts per offset, the records running, epochs, lanes."""
+
+from .client import Ledger, LedgerError
+from .connection import connect
+from .facts import Beats, Finished, Handover, Progress, Stale, StartResult, Try
+
+__all__ = [
+    "Beats",
+    "Finished",
+    "Handover",
+    "Ledger",
+    "LedgerError",
+    "Progress",
+    "Stale",
+    "StartResult",
+    "Try",
+    "connect",
+]

@@ -1,0 +1,134 @@
+"""Running a record again in a worker: a parked record whose predecessor finished, or the
+successor a finish started. With dramatiq's Redis broker the record goes onto this process's own
+work queue (no round trip through the broker); with any other broker it goes back on its lane,
+whose consumer acknowledges it as its own delivery (a RabbitMQ tag cannot be acknowledged twice).
+
+Records handed back here and not yet started are remembered, so that a shutdown puts them back
+on their lanes, and so that their start, when a finish recorded it already, is not asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from typing import Any
+
+import dramatiq
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker
+
+try:  # dramatiq 2.x: the work queue's item type (dramatiq 1.x queues (priority, message) tuples)
+    from dramatiq.worker import _WorkQueueItem
+except ImportError:  # pragma: no cover - dramatiq 1.x
+    _WorkQueueItem = None  # type: ignore[assignment,misc]
+
+from ..protocol import OPTION, ProtocolError, meta_of
+
+logger = logging.getLogger("bridge.worker")
+
+#: The priority of a record put on a worker's own work queue: ahead of everything queued.
+_FIRST = -(1 << 62)
+
+
+def plain(message: Any) -> dramatiq.Message[Any]:
+    """The message under a broker's proxy (a RabbitMQ delivery, a MessageProxy)."""
+    while isinstance(message, MessageProxy):
+        message = message._message
+    assert isinstance(message, dramatiq.Message)
+    return message
+
+
+def retries_of(message: Any) -> int:
+    """dramatiq's retry count of a message: its copies for retries are not duplicates."""
+    return int(message.options.get("retries", 0) or 0)
+
+
+class Handoff:
+    """Where a record runs again. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._worker: dramatiq.Worker | None = None
+        self._broker: dramatiq.Broker | None = None
+        self._stopping = False
+        # Message id -> records handed to the work queue and not started yet.
+        self._released: dict[str, Any] = {}
+        # Of those, the ones whose start a finish recorded: message id -> (token, retries).
+        self._approved: dict[str, tuple[str, int]] = {}
+
+    def boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self._broker, self._worker, self._stopping = broker, worker, False
+
+    def stopping(self) -> None:
+        self._stopping = True
+
+    @property
+    def broker(self) -> dramatiq.Broker:
+        return self._broker or dramatiq.get_broker()
+
+    @property
+    def in_worker(self) -> bool:
+        """Booted inside a dramatiq worker (its finishes may start a staged successor)."""
+        return self._worker is not None
+
+    @property
+    def waiting(self) -> int:
+        """Records handed to this process's work queue and not started yet."""
+        with self._lock:
+            return len(self._released)
+
+    def take(self, message_id: str) -> tuple[str, int] | None:
+        """Forget a record handed to the work queue (it starts, or another middleware skipped it);
+        the recorded start it carries, if any."""
+        if not self._released:
+            return None
+        with self._lock:
+            self._released.pop(message_id, None)
+            return self._approved.pop(message_id, None)
+
+    def run_again(self, message: Any, *, token: str | None = None) -> bool:
+        """Run ``message`` again; ``token`` names the start a finish recorded for it. True when it
+        went onto this process's work queue."""
+        worker = self._worker
+        consumer = worker.consumers.get(message.queue_name) if worker is not None else None
+        queue = getattr(worker, "work_queue", None)
+        local = isinstance(self._broker, RedisBroker) and queue is not None
+        if consumer is None or self._stopping or not local:
+            self.requeue(message, token=token)
+            return False
+        with self._lock:
+            self._released[message.message_id] = message
+            if token is not None:
+                self._approved[message.message_id] = (token, retries_of(message))
+        assert queue is not None
+        # The head of its partition: ahead of records that would only park again.
+        proxy = MessageProxy(plain(message))
+        queue.put(_WorkQueueItem(_FIRST, proxy) if _WorkQueueItem is not None else (_FIRST, proxy))
+        return True
+
+    def requeue(self, message: Any, *, token: str | None = None) -> None:
+        """Put a record back on its lane; ``token`` names the start recorded for it already."""
+        copy = plain(message)
+        try:
+            meta = meta_of(copy)
+        except ProtocolError:
+            meta = None
+        if meta is not None:
+            copy = copy.copy(options={OPTION: replace(meta, token=token).to_option()})
+        try:
+            self.broker.enqueue(copy)
+        except Exception as e:
+            # Its heartbeat stops with it: the bridge dispatches the record again after its
+            # re-dispatch timeout.
+            logger.error("could not put a record back on lane %s: %s", message.queue_name, e)
+
+    def release_all(self) -> int:
+        """At shutdown: put every record handed here and not started back on its lane."""
+        with self._lock:
+            waiting = [(m, self._approved.get(m.message_id)) for m in self._released.values()]
+            self._released.clear()
+            self._approved.clear()
+        for message, approved in waiting:
+            self.requeue(message, token=approved[0] if approved else None)
+        return len(waiting)

@@ -1,0 +1,399 @@
+"""Worker-side middleware: records each bridge message's terminal state in the ack ledger.
+
+Installed on the actor's broker by ``@kafka_handler`` (placed before ``Retries``, so that its
+``after_process_message`` runs after Retries has decided whether the failure is final). It also
+makes the worker consume lanes: a background thread declares every lane that a bridge opened for
+a topic this worker handles, which starts a dramatiq consumer for it.
+
+Hooks run in dramatiq's worker threads. dramatiq logs and swallows exceptions raised by
+``after_*`` hooks, so a failed ledger write is logged here and counted; the bridge re-dispatches
+records whose completion never reaches the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import replace
+from typing import Any, Literal
+
+import dramatiq
+from dramatiq.broker import MessageProxy
+from dramatiq.middleware import Middleware, Retries, SkipMessage
+
+from ..keys import PartitionKeys
+from ..ledger import Finished, Ledger, LedgerError, StartResult, Try, connect
+from ..logs import coordinates
+from ..protocol import OPTION, Meta, ProtocolError, UnknownVersion, meta_of, registration_json
+from ..registry import Registry, registry
+from ..settings import WorkerSettings
+from .admission import Refusals, decode
+from .handoff import Handoff, retries_of
+from .metrics import count_failure, export_failures
+from .parking import Parking
+from .signs import Background, Signs
+
+logger = logging.getLogger("bridge.worker")
+
+_LEDGER_ERRORS = LedgerError
+
+
+def _keys(meta: Meta) -> PartitionKeys:
+    return PartitionKeys(meta.group, meta.topic, meta.partition)
+
+
+class LedgerMiddleware(Middleware):
+    """Writes start, success, final failure, scheduled retry and skip of bridge messages to the
+    ledger, and runs the next record of a partition (key) when the previous one finishes.
+
+    ``settings`` and ``ledger`` default to the worker's environment (``BRIDGE_*``), read when the
+    middleware is first used; ``registry`` to the process's handler registry.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings | None = None,
+        *,
+        ledger: Ledger | None = None,
+        handlers: Registry | None = None,
+    ) -> None:
+        self._settings = settings
+        self._ledger = ledger
+        self._handlers = handlers or registry
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._parking: Parking | None = None
+        self._background: Background | None = None
+        self.handoff = Handoff()
+        self.signs = Signs()
+        self._refusals = Refusals()
+        self.ledger_write_failures = 0
+
+    @property
+    def settings(self) -> WorkerSettings:
+        with self._lock:
+            if self._settings is None:
+                self._settings = WorkerSettings()
+            return self._settings
+
+    @property
+    def ledger(self) -> Ledger:
+        settings = self.settings
+        with self._lock:
+            if self._ledger is None:
+                self._ledger = Ledger(connect(settings.redis_url))
+            return self._ledger
+
+    @property
+    def live(self) -> float:
+        """How recent a running copy's start or heartbeat must be to count as alive."""
+        return 3 * self.settings.heartbeat_interval
+
+    @property
+    def parking(self) -> Parking:
+        ledger, recheck = self.ledger, self.settings.park_recheck_interval
+        with self._lock:
+            if self._parking is None:
+                self._parking = Parking(ledger.client, self._unpark, recheck)
+            return self._parking
+
+    # -- lanes and heartbeats ---------------------------------------------------------------
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.handoff.boot(broker, worker)
+        logging.getLogger("dramatiq.worker.WorkerThread").addFilter(self._quiet_skips)
+        export_failures()
+        settings = self.settings
+        self._background = Background(self.ledger, self._handlers, self.signs, broker, self._failed,
+                                      settings.lane_refresh_interval, settings.heartbeat_interval)
+        self._background.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._background is not None:
+            # Joined: a lane it declared meanwhile would change the worker's consumers while the
+            # worker stops them.
+            self._background.stop()
+        self.handoff.stopping()
+        if self._parking is not None:
+            self._parking.close()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        waiting = self.handoff.release_all()
+        if self._parking is not None:
+            for message in self._parking.take_all():
+                self.handoff.requeue(message)
+                waiting += 1
+        if waiting:
+            logger.info("put %d parked records back on their lanes", waiting)
+
+    def _failed(self, operation: str) -> None:
+        with self._lock:
+            self.ledger_write_failures += 1
+        count_failure(operation)
+
+    def _quiet_skips(self, record: logging.LogRecord) -> bool:
+        """Drop dramatiq's warning for messages this middleware skipped on purpose (logged here)."""
+        if record.msg == "Message %s was skipped." and record.args:
+            message = record.args[0] if isinstance(record.args, tuple) else None
+            return getattr(message, "message_id", None) != getattr(self._local, "ours", None)
+        return True
+
+    # -- starting a record ------------------------------------------------------------------
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        try:
+            self._admit(message)
+        except _LEDGER_ERRORS:
+            self._failed("start")
+            raise
+
+    def _skip(self, message: Any, reason: str) -> SkipMessage:
+        """Skip ``message`` on purpose: nothing is written for it, and dramatiq's warning is dropped."""
+        self._local.ours = message.message_id
+        return SkipMessage(reason)
+
+    def _admit(self, message: Any) -> None:
+        self._local.ours = self._local.copy = self._local.delay = None
+        approved = self.handoff.take(message.message_id)
+        try:
+            meta = meta_of(message)
+        except UnknownVersion as e:
+            self._refusals.refuse(message, e, self.handoff.broker)
+            raise self._skip(message, str(e)) from None
+        except ProtocolError as e:
+            logger.error("not running message %s of actor %s: %s", message.message_id, message.actor_name, e)
+            raise self._skip(message, str(e)) from None
+        if meta is None:
+            return
+        keys, retries = _keys(meta), retries_of(message)
+        if approved is not None:
+            # The finish of its predecessor recorded its start a moment ago, in this process.
+            token, known = approved
+            verdict: StartResult = "run"
+        else:
+            token = meta.token or _new_token()
+            verdict, known = self._start(meta, token, retries)
+        if verdict == "wait":
+            # Parked: the thread takes other work, the record runs once its predecessor finished.
+            # Its heartbeat keeps the bridge from dispatching it again meanwhile.
+            self.signs.parked((keys, meta.offset))
+            self.parking.park(keys.finished_channel, meta.prev, message)
+            raise self._skip(message, "parked until its predecessor finishes")
+        if verdict == "duplicate":
+            # Another copy of this record runs (a redelivery after a crash, a duplicate delivery):
+            # this one waits for it to finish, or to stop showing signs of life.
+            logger.debug("%s: another copy runs; waiting for it", meta.where, extra=_extra(meta))
+            self.parking.park(keys.finished_channel, meta.offset, message)
+            raise self._skip(message, "waiting for a running copy")
+        if verdict != "run":
+            # fenced: the partition's new owner dispatches the record again; superseded: the
+            # bridge dispatched a newer copy; done: a duplicate delivery of a finished record.
+            # Nothing is written either way.
+            logger.info("not running %s: %s (epoch %d, attempt %d)", meta.where, verdict, meta.epoch, meta.attempt,
+                        extra=_extra(meta))
+            raise self._skip(message, verdict)
+        if known > retries:
+            # It takes over from a copy that was retried or died: dramatiq's count goes on.
+            message.options["retries"] = retries = known
+        self._local.copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        self.signs.running((keys, meta.offset), token,
+                           registration_json(meta.epoch, meta.attempt, retries, token, _worker_id()))
+        handler = self._handlers.for_actor(message.actor_name)
+        if handler is not None:
+            decode(message, meta, handler, self.settings.max_json_depth)
+
+    def _start(self, meta: Meta, token: str, retries: int) -> tuple[StartResult, int]:
+        """Ask the ledger whether this copy may start, listening for its predecessor's end first."""
+        keys = _keys(meta)
+        copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        if meta.prev < 0:
+            return self.ledger.start(keys, copy, _worker_id(), live=self.live)
+        channel, parking = keys.finished_channel, self.parking
+        parking.expect(channel, meta.prev)
+        try:
+            verdict, known = self.ledger.start(keys, copy, _worker_id(), meta.prev, live=self.live)
+        except BaseException:
+            parking.forget(channel, meta.prev)
+            raise
+        if verdict != "wait":
+            parking.forget(channel, meta.prev)
+        return verdict, known
+
+    def _unpark(self, message: Any) -> None:
+        """A parked record's predecessor finished (or its recheck is due): run it again."""
+        try:
+            meta = meta_of(message)
+        except ProtocolError:
+            meta = None
+        if meta is not None:
+            self.signs.unparked((_keys(meta), meta.offset))
+        self.handoff.run_again(message)
+
+    # -- ending a record --------------------------------------------------------------------
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        # Retries re-enqueues a failed try with its backoff from inside after_process_message,
+        # in this thread, just before this middleware's own after_process_message runs.
+        if delay and OPTION in message.options:
+            self._local.delay = delay
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        self.handoff.take(message.message_id)
+        copy, self._local.copy = getattr(self._local, "copy", None), None
+        if copy is None:
+            return
+        if exception is None:
+            self._finish(message, "done", copy=copy)
+        elif message.failed:
+            self._finish(message, "failed", exception, copy=copy)
+        else:
+            delay, self._local.delay = getattr(self._local, "delay", None), None
+            self._finish(message, "retry", copy=copy, delay_ms=int(delay or 0))
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        approved = self.handoff.take(message.message_id)
+        copy, self._local.copy = getattr(self._local, "copy", None), None
+        if getattr(self._local, "ours", None) == message.message_id:
+            return
+        if copy is None and approved is not None:
+            # Skipped before this middleware saw it, with a start recorded on its behalf.
+            try:
+                meta = meta_of(message)
+            except ProtocolError:
+                meta = None
+            if meta is not None:
+                copy = Try(meta.offset, meta.epoch, meta.attempt, retries_of(message), approved[0])
+        # Skipped by another middleware, before or after this one's start: a final state.
+        self._finish(message, "failed" if message.failed else "done", copy=copy)
+
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        # Every final failure passes here, including ones that never reached process hooks
+        # (unknown actor, age limit). Writing the same failure twice is harmless.
+        if getattr(self._local, "ours", None) == message.message_id:
+            return
+        self._finish(message, "failed", getattr(message, "_exception", None))
+
+    def _finish(
+        self,
+        message: Any,
+        outcome: Literal["done", "failed", "retry"],
+        exception: BaseException | None = None,
+        *,
+        copy: Try | None = None,
+        delay_ms: int = 0,
+    ) -> None:
+        try:
+            meta = meta_of(message)
+        except ProtocolError:
+            return
+        if meta is None:
+            return
+        keys, offset = _keys(meta), meta.offset
+        if copy is None:
+            # Never started here (skipped or refused before its start): it holds no registration.
+            copy = Try(offset, meta.epoch, meta.attempt, retries_of(message), "")
+        else:
+            self.signs.finished((keys, offset), copy.token)
+            # Retries has counted this try already: a retry registers the next try's count.
+            copy = replace(copy, retries=retries_of(message))
+        detail: dict[str, Any] = {}
+        if outcome == "failed":
+            error = message.options.get("kdb_error")
+            if error is None and exception is not None:
+                error = {"type": type(exception).__name__, "message": str(exception)[:2000]}
+            detail = {
+                "error": error or {"type": "Failed", "message": "message failed in the task broker"},
+                "attempts": int(message.options.get("retries", 0)) or 1,
+                "actor": message.actor_name,
+            }
+        channel = keys.finished_channel
+        # A successor parked in this process is started by the same round trip.
+        claimed = self.parking.claim(channel, offset) if outcome != "retry" and self._parking else []
+        successor = next((m for m in claimed if _prev_of(m) == offset), None)
+        parked: Try | None = None
+        if successor is not None:
+            found = meta_of(successor)
+            assert found is not None
+            parked = Try(found.offset, found.epoch, found.attempt, retries_of(successor), _new_token())
+        staged_token = _new_token()
+        finished: Finished | None
+        try:
+            finished = self.ledger.finish(
+                keys, copy, outcome, detail=detail, delay_ms=delay_ms, worker=_worker_id(),
+                handoff=self.handoff.in_worker, successor_token=staged_token, parked=parked, live=self.live,
+            )
+        except _LEDGER_ERRORS as e:
+            self._failed("finish")
+            logger.error("%s: ledger write failed (%s), the bridge will dispatch it again: %s", meta.where, outcome, e,
+                         extra=_extra(meta))
+            finished = None
+        for waiting in claimed:
+            if waiting is not successor or finished is None:
+                self._unpark(waiting)
+        if finished is not None:
+            if successor is not None and parked is not None:
+                self._hand_over(successor, finished.parked, parked.token, finished.retries)
+            if finished.body is not None:
+                staged = MessageProxy(dramatiq.Message.decode(finished.body))
+                self._hand_over(staged, finished.staged, staged_token, finished.retries)
+        if outcome != "retry":
+            self.parking.announce(channel, offset)
+
+    def _hand_over(self, successor: Any, verdict: StartResult | None, token: str, retries: int) -> None:
+        """Run the successor whose start a finish decided, or drop it if it must not run."""
+        if verdict == "run":
+            if retries > retries_of(successor):
+                successor.options["retries"] = retries
+            self._forget_parked(successor)
+            self.handoff.run_again(successor, token=token)
+        elif verdict in ("wait", "duplicate"):
+            self._unpark(successor)
+        elif verdict is not None:
+            found = meta_of(successor)
+            if found is not None:
+                self._forget_parked(successor)
+                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch, extra=_extra(found))
+
+    def _forget_parked(self, message: Any) -> None:
+        found = meta_of(message)
+        if found is not None:
+            self.signs.unparked((_keys(found), found.offset))
+
+
+def _prev_of(message: Any) -> int | None:
+    try:
+        meta = meta_of(message)
+    except ProtocolError:
+        return None
+    return meta.prev if meta is not None else None
+
+
+def _extra(meta: Meta) -> dict[str, Any]:
+    return coordinates(meta.topic, meta.partition, meta.offset)
+
+
+def _new_token() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def install(broker: dramatiq.Broker, middleware: LedgerMiddleware | None = None) -> LedgerMiddleware:
+    """Add the ledger middleware to ``broker`` once, before ``Retries`` when present; returns the
+    one installed (``middleware`` lets a test bring its own, before any handler registers)."""
+    for existing in broker.middleware:
+        if isinstance(existing, LedgerMiddleware):
+            return existing
+    middleware = middleware or LedgerMiddleware()
+    if any(isinstance(m, Retries) for m in broker.middleware):
+        broker.add_middleware(middleware, before=Retries)
+    else:
+        broker.add_middleware(middleware)
+    return middleware

@@ -1,0 +1,66 @@
+"""The dead-letter room: a final failure is done only once Kafka acknowledged its dead letter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.deadletter import DeadLetterRouter, Outcome
+from bridge.owned import Partitions
+from bridge.stats import Stats
+from tests.unit.parts import T, deliver, ledger, owned, settings
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.reports: list[Outcome] = []
+
+    def send(self, topic: str, env: dict[str, Any], headers: list[tuple[str, bytes | None]]) -> None:
+        self.sent.append(int(env["o"]))
+
+    def poll(self) -> list[Outcome]:
+        reports, self.reports = self.reports, []
+        return reports
+
+
+def router(dead_letter_topic: str | None = f"{T}.dlq") -> tuple[DeadLetterRouter, Producer, Any]:
+    partitions, producer = Partitions(), Producer()
+    room = DeadLetterRouter(settings(), ledger(), partitions, Stats(), producer)  # type: ignore[arg-type]
+    partition = owned(dead_letter_topic=dead_letter_topic)
+    partitions.add(partition)
+    deliver(partition, 0, 1)
+    partition.state.take_ready(2)
+    return room, producer, partition
+
+
+def test_a_dead_letter_is_written_once_and_its_record_is_done_when_acknowledged() -> None:
+    room, producer, partition = router()
+    room.fail(partition, partition.state.entry(0), 10.0, "final-failure", {"error": {"type": "E"}})
+    room.send_due(10.0)
+    room.send_due(10.0)
+    assert producer.sent == [0]
+    assert partition.state.committable() == 0, "not done before the acknowledgement"
+    producer.reports.append(Outcome(T, 0, 0, None))
+    room.collect()
+    room.settle(10.1)
+    assert partition.state.committable() == 1 and partition.letters.failing == {}
+
+
+def test_a_failed_write_is_tried_again_after_its_backoff() -> None:
+    room, producer, partition = router()
+    room.fail(partition, partition.state.entry(1), 10.0, "final-failure", {})
+    room.send_due(10.0)
+    producer.reports.append(Outcome(T, 0, 1, "topic authorization failed"))
+    room.collect()
+    room.settle(10.0)
+    room.send_due(11.9)
+    assert producer.sent == [1], "backing off 2 s"
+    room.send_due(12.0)
+    assert producer.sent == [1, 1]
+
+
+def test_with_dead_lettering_off_a_final_failure_is_settled_without_a_write() -> None:
+    room, producer, partition = router(dead_letter_topic=None)
+    room.fail(partition, partition.state.entry(0), 10.0, "final-failure", {})
+    room.settle(10.0)
+    assert producer.sent == [] and partition.state.committable() == 1
