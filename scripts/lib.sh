@@ -3,10 +3,11 @@
 # lacks and the one way to install it, so the three cannot drift apart.
 
 # Debian packages. The demo runs Kafka (Java 17 and Maven for the jars), redis-server and a
-# virtualenv; the tests also start rabbitmq-server. Every service is started by devstack on
-# loopback, never as a system service.
+# virtualenv; the tests also start rabbitmq-server, and the benchmark's smoke test records the
+# checkout's commit with git. Every service is started by devstack on loopback, never as a
+# system service.
 DEMO_PACKAGES=(python3-venv default-jre-headless maven redis-server)
-TEST_PACKAGES=("${DEMO_PACKAGES[@]}" rabbitmq-server)
+TEST_PACKAGES=("${DEMO_PACKAGES[@]}" rabbitmq-server git)
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -27,6 +28,7 @@ provided() {
     maven) command -v mvn >/dev/null 2>&1 ;;
     redis-server) command -v redis-server >/dev/null 2>&1 || [[ -x /usr/bin/redis-server ]] ;;
     rabbitmq-server) [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] ;;
+    git) command -v git >/dev/null 2>&1 ;;
     *) dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' ;;
   esac
 }

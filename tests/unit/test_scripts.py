@@ -69,7 +69,7 @@ def test_only_the_shared_library_calls_apt_get() -> None:
     assert callers == ["scripts/lib.sh"]
 
 
-def test_the_demo_packages_bring_java_maven_redis_and_venv_and_the_tests_add_rabbitmq() -> None:
+def test_the_demo_packages_bring_java_maven_redis_and_venv_and_the_tests_add_rabbitmq_and_git() -> None:
     demo, tests = package_list("DEMO_PACKAGES"), package_list("TEST_PACKAGES")
     assert set(demo) == {"default-jre-headless", "maven", "redis-server", "python3-venv"}
-    assert set(tests) - set(demo) == {"rabbitmq-server"}
+    assert set(tests) - set(demo) == {"rabbitmq-server", "git"}
