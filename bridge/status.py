@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .consumer import consumer_config
 from .errors import KafkaUnavailable, LedgerUnavailable
@@ -19,15 +19,45 @@ from .ledger import connect
 from .registry import Handler
 from .settings import Settings
 
+#: Errors that can clear while the command waits: a broker not reachable yet, or one whose group
+#: coordinator is still loading or moving.
+_TRANSIENT = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+    }
+)
+
+
+def _ask(consumer: Any, call: Any, what: str, settings: Settings, timeout: float) -> Any:
+    """``call(seconds)`` in slices of at most a second until it answers or ``timeout`` passes.
+
+    The consumer never polls for records, so its queue is served between slices: that hands
+    librdkafka's log lines to the ``bridge.kafka`` logger as they happen, not all at close.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call(min(max(deadline - time.monotonic(), 0.1), 1.0))
+        except KafkaException as e:
+            error = e.args[0]
+            code = error.code() if isinstance(error, KafkaError) else None
+            if code in _TRANSIENT and time.monotonic() < deadline:
+                consumer.poll(0.1)
+                continue
+            raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap_servers} ({what}): {e}") from e
+        finally:
+            consumer.poll(0)
+
 
 def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float = 10.0) -> list[dict[str, Any]]:
     """One row per partition of every handler topic."""
     consumer = Consumer(consumer_config(settings))
     try:
-        try:
-            metadata = consumer.list_topics(timeout=timeout)
-        except KafkaException as e:
-            raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap_servers}: {e}") from e
+        metadata = _ask(consumer, lambda t: consumer.list_topics(timeout=t), "metadata", settings, timeout)
         partitions: list[TopicPartition] = []
         missing: list[str] = []
         for topic in sorted(handlers):
@@ -36,10 +66,19 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
                 missing.append(topic)
                 continue
             partitions.extend(TopicPartition(topic, p) for p in sorted(info.partitions))
-        committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=timeout)}
+        stored = _ask(
+            consumer, lambda t: consumer.committed(partitions, timeout=t), "committed offsets", settings, timeout
+        )
+        committed = {(tp.topic, tp.partition): tp.offset for tp in stored}
         ends = {}
         for tp in partitions:
-            _, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            _, high = _ask(
+                consumer,
+                lambda t, tp=tp: consumer.get_watermark_offsets(tp, timeout=t),
+                f"end offset of {tp.topic}[{tp.partition}]",
+                settings,
+                timeout,
+            )
             ends[(tp.topic, tp.partition)] = high
     finally:
         consumer.close()

@@ -11,8 +11,13 @@ import os
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import default_middleware
 
-broker = RedisBroker(url=os.environ.get("DRAMATIQ_REDIS_URL") or os.environ.get("BRIDGE_REDIS_URL"))
+# dramatiq 1.x counts Prometheus among its default middleware; here it is opt-in on every version.
+broker = RedisBroker(
+    url=os.environ.get("DRAMATIQ_REDIS_URL") or os.environ.get("BRIDGE_REDIS_URL"),
+    middleware=[m() for m in default_middleware if m.__name__ != "Prometheus"],
+)
 if os.environ.get("TASKS_PROMETHEUS") == "1":
     # Opt-in: the exposition server listens on one fixed port (dramatiq_prom_port, 9191), so two
     # worker fleets on one machine (the local demo, the tests) would fight over it.
