@@ -1,73 +1,128 @@
-"""``python -m devstack``: fetch Kafka, and start or stop a local Kafka + Redis pair."""
+"""``python -m devstack``: fetch Kafka, and start or stop local Kafka and Redis (single servers or clusters)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.kafka import KafkaServer, build_class_archive
-from devstack.kafka_artifacts import KAFKA_VERSION, fetch_kafka
+from devstack.kafka_artifacts import fetch_kafka
+from devstack.kafka_cluster import KafkaCluster
+from devstack.kafka_config import DEFAULT_KAFKA_VERSION, TESTED_KAFKA_VERSIONS, kafka_release
 from devstack.paths import default_data_dir
-from devstack.process import Service, ServiceError, stop_foreign_pid
+from devstack.process import Service, ServiceError, stop_foreign_pids
 from devstack.redis import RedisServer
+from devstack.redis_cluster import RedisCluster
 
 
-def _services(data: Path) -> tuple[KafkaServer, RedisServer]:
-    return KafkaServer(data / "kafka"), RedisServer(data / "redis")
+@dataclass
+class _Stack:
+    """One thing ``up`` starts: a single server or a cluster, and the processes it is made of."""
+
+    name: str
+    variable: str  # the BRIDGE_ setting that points the bridge at it
+    members: Callable[[], Sequence[Service]]
+    start: Callable[[float], float]
+    address: Callable[[], str]
+
+    def pids(self) -> list[int | None]:
+        return [member.detached_pid() for member in self.members()]
+
+
+def _kafka(data: Path, version: str | None) -> _Stack:
+    server = KafkaServer(data / "kafka", version=version)
+    return _Stack("kafka", "BRIDGE_BOOTSTRAP_SERVERS", lambda: [server], server.start, lambda: server.bootstrap_servers)
+
+
+def _kafka_cluster(data: Path, version: str | None) -> _Stack:
+    cluster = KafkaCluster(data / "kafka-cluster", version=version)
+    return _Stack(
+        "kafka-cluster", "BRIDGE_BOOTSTRAP_SERVERS", lambda: list(cluster.nodes.values()), cluster.start,
+        lambda: cluster.bootstrap_servers,
+    )
+
+
+def _redis(data: Path) -> _Stack:
+    server = RedisServer(data / "redis")
+    return _Stack("redis", "BRIDGE_REDIS_URL", lambda: [server], server.start, lambda: server.url)
+
+
+def _redis_cluster(data: Path) -> _Stack:
+    cluster = RedisCluster(data / "redis-cluster")
+    return _Stack("redis-cluster", "BRIDGE_REDIS_URL", lambda: cluster.nodes, cluster.start, lambda: cluster.url)
+
+
+def _all_stacks(data: Path) -> list[_Stack]:
+    return [_kafka(data, None), _kafka_cluster(data, None), _redis(data), _redis_cluster(data)]
 
 
 def _cmd_fetch_kafka(args: argparse.Namespace) -> int:
-    began = time.monotonic()
-    libs = fetch_kafka(force=args.force)
-    print(f"Kafka {KAFKA_VERSION} runtime in {libs} ({time.monotonic() - began:.1f}s)")
-    began = time.monotonic()
-    archive = build_class_archive()
-    if archive is None:
-        print("no class-data-sharing archive: brokers start without it (slower)")
-    else:
-        print(f"class-data-sharing archive {archive} ({time.monotonic() - began:.1f}s)")
+    for version in args.version or [DEFAULT_KAFKA_VERSION]:
+        began = time.monotonic()
+        libs = fetch_kafka(version, force=args.force)
+        print(f"Kafka {version} runtime in {libs} ({time.monotonic() - began:.1f}s)")
+        began = time.monotonic()
+        archive = build_class_archive(version)
+        if archive is None:
+            print("no class-data-sharing archive: brokers start without it (slower)")
+        else:
+            print(f"class-data-sharing archive {archive} ({time.monotonic() - began:.1f}s)")
     return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    kafka, redis = _services(args.data)
-    service: Service
-    for service in (kafka, redis):
-        pid = service.detached_pid()
-        if pid is not None:
-            print(f"{service.name}: already running (pid {pid})")
-            continue
-        seconds = service.start(timeout=args.timeout)
-        # The process outlives this command; `down` finds it again through the pidfile.
-        print(f"{service.name}: started in {seconds:.1f}s (pid {service.pid}, logs in {service.data_dir})")
-    print(f"kafka: {kafka.bootstrap_servers}")
-    print(f"redis: {redis.url}")
-    print(f"export BRIDGE_BOOTSTRAP_SERVERS={kafka.bootstrap_servers} BRIDGE_REDIS_URL={redis.url}")
+    make_kafka = _kafka_cluster if args.kafka_cluster else _kafka
+    kafka = make_kafka(args.data, args.kafka_version)
+    redis = _redis_cluster(args.data) if args.redis_cluster else _redis(args.data)
+    exports: list[str] = []
+    for stack in (kafka, redis):
+        pids = stack.pids()
+        if pids and all(pid is not None for pid in pids):
+            print(f"{stack.name}: already running (pids {_join(pids)})")
+        elif any(pid is not None for pid in pids):
+            raise ServiceError(f"{stack.name} is partly running (pids {_join(pids)}): run `down` first")
+        else:
+            seconds = stack.start(args.timeout)
+            # The processes outlive this command; `down` finds them again through their pidfiles.
+            print(f"{stack.name}: started in {seconds:.1f}s (pids {_join(stack.pids())}, logs in {args.data})")
+        print(f"{stack.name}: {stack.address()}")
+        exports.append(f"{stack.variable}={stack.address()}")
+    print(f"export {' '.join(exports)}")
     return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    service: Service
-    for service in _services(args.data):
-        pid = service.detached_pid()
-        if pid is None:
-            print(f"{service.name}: not running")
+    for stack in _all_stacks(args.data):
+        members = stack.members()
+        pids = [pid for pid in stack.pids() if pid is not None]
+        if not pids:
+            if members:  # a cluster that was never started has none
+                print(f"{stack.name}: not running")
             continue
-        stop_foreign_pid(pid, timeout=args.timeout)
-        service.pidfile.unlink(missing_ok=True)
-        print(f"{service.name}: stopped (pid {pid})")
+        stop_foreign_pids(pids, timeout=args.timeout)
+        for member in members:
+            member.pidfile.unlink(missing_ok=True)
+        print(f"{stack.name}: stopped (pids {_join(pids)})")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    kafka, redis = _services(args.data)
-    for service, address in ((kafka, _address(kafka)), (redis, _address(redis))):
-        pid = service.detached_pid()
-        state = f"running (pid {pid})" if pid is not None else "not running"
-        print(f"{service.name}: {state} {address}")
+    for stack in _all_stacks(args.data):
+        pids = stack.pids()
+        if not pids:
+            continue  # never started in this data dir
+        running = [pid for pid in pids if pid is not None]
+        if not running:
+            state = "not running"
+        elif len(running) == len(pids):
+            state = f"running (pids {_join(pids)})"
+        else:
+            state = f"partly running ({len(running)} of {len(pids)}: pids {_join(pids)})"
+        print(f"{stack.name}: {state} {_address(stack)}")
     return 0
 
 
@@ -77,28 +132,50 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return config_reference(args.write)
 
 
-def _address(service: KafkaServer | RedisServer) -> str:
+def _address(stack: _Stack) -> str:
     try:
-        return service.bootstrap_servers if isinstance(service, KafkaServer) else service.url
+        return stack.address()
     except ServiceError:
         return ""
+
+
+def _join(pids: Sequence[int | None]) -> str:
+    return ",".join("-" if pid is None else str(pid) for pid in pids)
+
+
+def _version(text: str) -> str:
+    try:
+        return kafka_release(text).version
+    except ServiceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    tested = ", ".join(TESTED_KAFKA_VERSIONS)
 
-    fetch = sub.add_parser("fetch-kafka", help=f"resolve Kafka {KAFKA_VERSION} jars with Maven into the cache")
+    fetch = sub.add_parser(
+        "fetch-kafka", help=f"resolve Kafka jars with Maven into the cache (default {DEFAULT_KAFKA_VERSION})"
+    )
+    fetch.add_argument("--version", action="append", type=_version, metavar="V",
+                       help=f"Kafka version to resolve; repeatable (tested: {tested})")
     fetch.add_argument("--force", action="store_true", help="resolve again even if the cache is complete")
     fetch.set_defaults(func=_cmd_fetch_kafka)
 
     data_help = f"data directory (default: {default_data_dir()})"
-    up = sub.add_parser("up", help="start Kafka and Redis in the background")
+    up = sub.add_parser("up", help="start Kafka and Redis in the background and print the exports for the bridge")
     up.add_argument("--data", type=Path, default=default_data_dir(), help=data_help)
-    up.add_argument("--timeout", type=float, default=120, help="seconds to wait for each service")
+    up.add_argument("--timeout", type=float, default=180, help="seconds to wait for each service")
+    up.add_argument("--kafka-version", type=_version, metavar="V",
+                    help=f"Kafka version (default {DEFAULT_KAFKA_VERSION}; tested: {tested})")
+    up.add_argument("--kafka-cluster", action="store_true",
+                    help="a 3-broker KRaft cluster (replication factor 3) instead of a single broker")
+    up.add_argument("--redis-cluster", action="store_true",
+                    help="a Redis Cluster (3 primaries, 3 replicas) instead of a single redis-server")
     up.set_defaults(func=_cmd_up)
 
-    down = sub.add_parser("down", help="stop what `up` started in the same data directory")
+    down = sub.add_parser("down", help="stop everything `up` started in the same data directory")
     down.add_argument("--data", type=Path, default=default_data_dir(), help=data_help)
     down.add_argument("--timeout", type=float, default=30, help="seconds before SIGKILL")
     down.set_defaults(func=_cmd_down)

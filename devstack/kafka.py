@@ -19,48 +19,31 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
 from devstack.kafka_artifacts import class_archive, fetch_kafka, java_binary, kafka_libs
+from devstack.kafka_config import (
+    DEFAULT_KAFKA_VERSION,
+    BrokerNode,
+    KafkaRelease,
+    Listener,
+    broker_properties,
+    format_arguments,
+    jvm_heap_options,
+    kafka_release,
+    render_properties,
+)
 from devstack.ports import HOST, free_port, free_ports
 from devstack.process import Service, ServiceError
 
 _log = logging.getLogger(__name__)
 
+#: Heap ceiling of a single broker; cluster nodes get less (see devstack.kafka_cluster).
+HEAP_MB = 512
+
 JVM_OPTS = [
-    "-Xms256m",
-    "-Xmx512m",
     "-XX:+UseG1GC",
     "-XX:MaxGCPauseMillis=20",
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
 ]
-
-_LOG4J2 = """\
-# Everything at INFO goes to the file; only warnings reach the console log.
-status = warn
-name = devstack-kafka
-
-appender.console.type = Console
-appender.console.name = CONSOLE
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = [%d] %p %m (%c)%n
-appender.console.filter.threshold.type = ThresholdFilter
-appender.console.filter.threshold.level = warn
-
-appender.file.type = File
-appender.file.name = FILE
-appender.file.fileName = {log_file}
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-
-rootLogger.level = info
-rootLogger.appenderRef.console.ref = CONSOLE
-rootLogger.appenderRef.file.ref = FILE
-
-# Per-request and per-segment chatter drowns out what matters in a test log.
-logger.request.name = kafka.request.logger
-logger.request.level = warn
-logger.cleaner.name = kafka.log.LogCleaner
-logger.cleaner.level = warn
-"""
 
 
 def new_cluster_id() -> str:
@@ -95,13 +78,17 @@ class KafkaServer(Service):
     ``devstack-kafka.json``, so a restart on the same data dir is the same cluster
     at the same address. ``port`` pins the broker port; the controller port can
     never change once the storage is formatted, because the voter set records it.
+
+    ``version`` picks the Kafka release (default :data:`DEFAULT_KAFKA_VERSION`, or the one
+    that formatted an existing data dir); its jars are resolved on first use. A data dir
+    formatted by one version refuses to start with another. ``heap_mb`` caps the JVM heap.
     """
 
     name = "kafka"
 
     def __init__(
         self, data_dir: Path, *, port: int | None = None, proxy_port: int | None = None,
-        security: Security | None = None,
+        security: Security | None = None, version: str | None = None, heap_mb: int = HEAP_MB,
     ) -> None:
         super().__init__(data_dir)
         self.security = security
@@ -110,6 +97,9 @@ class KafkaServer(Service):
         # behind a proxy (see ``proxied_port``) for every connection, not just the first.
         self._proxy_port = proxy_port
         self._state: dict[str, Any] | None = self._load_state()
+        saved = None if self._state is None else self._state.get("version")
+        self.release: KafkaRelease = kafka_release(version or (str(saved) if saved else DEFAULT_KAFKA_VERSION))
+        self._heap = jvm_heap_options(heap_mb)
         self._probe: AdminClient | None = None
         # Set only for the run that records the class-data-sharing archive.
         self._archive_to: Path | None = None
@@ -136,6 +126,17 @@ class KafkaServer(Service):
         return f"{HOST}:{self.port}"
 
     @property
+    def version(self) -> str:
+        """The Kafka release this server runs."""
+        return self.release.version
+
+    @property
+    def group_protocols(self) -> tuple[str, ...]:
+        """Consumer group protocols (``group.protocol``) this broker serves: ``classic``, and
+        ``consumer`` (KIP-848) from Kafka 4.0 on."""
+        return self.release.group_protocols
+
+    @property
     def sasl_bootstrap_servers(self) -> str:
         """The SASL_PLAINTEXT (SCRAM-SHA-512) listener; needs ``security``."""
         return f"{HOST}:{self._require_state()['sasl_port']}"
@@ -157,7 +158,7 @@ class KafkaServer(Service):
 
     @property
     def log4j_file(self) -> Path:
-        return self.data_dir / "log4j2.properties"
+        return self.data_dir / self.release.log_config_name
 
     @property
     def server_log(self) -> Path:
@@ -177,13 +178,16 @@ class KafkaServer(Service):
     # -- Service ------------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        fetch_kafka()
+        saved = None if self._state is None else self._state.get("version")
+        if saved is not None and saved != self.version:
+            raise ServiceError(
+                f"Kafka in {self.data_dir} was formatted by Kafka {saved}; it cannot start with {self.version}"
+            )
+        fetch_kafka(self.version)
         if self._archive_to is None:
-            build_class_archive()
-        state = self._state or {}
-        if not state:
-            port, controller_port = free_ports(2)
-            state = {"cluster_id": new_cluster_id(), "port": port, "controller_port": controller_port}
+            build_class_archive(self.version)
+        state = self._state or self._new_state()
+        state["version"] = self.version
         if self._requested_port is not None:
             state["port"] = self._requested_port
         if self._proxy_port is not None:
@@ -194,25 +198,21 @@ class KafkaServer(Service):
         self._state = state
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         self.properties_file.write_text(self._properties())
-        self.log4j_file.write_text(_LOG4J2.format(log_file=self.server_log))
+        self.log4j_file.write_text(self.release.log_config(self.server_log))
         if not (self.log_dir / "meta.properties").exists():
             self._format_storage()
+
+    def _new_state(self) -> dict[str, Any]:
+        """Ports and cluster id of a data dir started for the first time."""
+        port, controller_port = free_ports(2)
+        return {"cluster_id": new_cluster_id(), "port": port, "controller_port": controller_port}
 
     def _command(self) -> list[str]:
         return [*self._java(), "kafka.Kafka", str(self.properties_file)]
 
     def _ready(self, budget: float) -> bool:
         if self._probe is None:
-            self._probe = AdminClient(
-                {
-                    "bootstrap.servers": self.bootstrap_servers,
-                    # Retry fast while the port is still closed, instead of backing off to 10 s.
-                    "reconnect.backoff.ms": 50,
-                    "reconnect.backoff.max.ms": 250,
-                },
-                logger=_QUIET,
-                error_cb=_ignore_error,
-            )
+            self._probe = quiet_admin(self.bootstrap_servers)
         try:
             metadata = self._probe.list_topics(timeout=max(budget, 0.2))
         except KafkaException:
@@ -246,9 +246,12 @@ class KafkaServer(Service):
         Ready means a metadata request lists this broker and every partition of every
         existing topic has a leader. Returns the seconds from launch to ready.
         """
+        return super().start(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
         self._probe = None
         try:
-            return super().start(timeout)
+            super().wait_ready(timeout)
         finally:
             self._probe = None
 
@@ -270,19 +273,21 @@ class KafkaServer(Service):
 
     def _java(self) -> list[str]:
         sharing: list[str] = []
+        archive = class_archive(self.version)
         if self._archive_to is not None:
             sharing = [f"-XX:ArchiveClassesAtExit={self._archive_to}"]
-        elif class_archive().exists():
+        elif archive.exists():
             # Loading pre-parsed classes saves about 40% of the start-up time.
-            sharing = [f"-XX:SharedArchiveFile={class_archive()}"]
+            sharing = [f"-XX:SharedArchiveFile={archive}"]
         return [
             java_binary(),
+            *self._heap,
             *JVM_OPTS,
             *sharing,
-            f"-Dlog4j2.configurationFile={self.log4j_file}",
+            self.release.log_config_option(self.log4j_file),
             f"-Dkafka.logs.dir={self.data_dir}",
             "-cp",
-            str(kafka_libs() / "*"),  # expanded by the JVM, not a shell
+            str(kafka_libs(self.version) / "*"),  # expanded by the JVM, not a shell
         ]
 
     @property
@@ -290,25 +295,26 @@ class KafkaServer(Service):
         """Port of the listener that advertises the proxy's address (``proxy_port``)."""
         return int(self._require_state()["proxied_port"])
 
-    def _properties(self) -> str:
-        broker = f"{HOST}:{self.port}"
-        controller = f"{HOST}:{self.controller_port}"
-        listeners = f"PLAINTEXT://{broker},CONTROLLER://{controller}"
-        advertised = f"PLAINTEXT://{broker},CONTROLLER://{controller}"
-        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    def _node(self) -> BrokerNode:
+        """This process's place in its cluster: a single node, the only voter of its quorum."""
         state = self._require_state()
+        listeners: list[Listener] = []
         if "proxy_port" in state:
-            listeners += f",PROXIED://{HOST}:{state['proxied_port']}"
-            advertised += f",PROXIED://{HOST}:{state['proxy_port']}"
-            protocols += ",PROXIED:PLAINTEXT"
-        secured: dict[str, str] = {}
+            listeners.append(Listener("PROXIED", int(state["proxied_port"]), advertised_port=int(state["proxy_port"])))
         if self.security is not None:
-            for name, port in (("SASL_PLAINTEXT", "sasl_port"), ("SSL", "ssl_port")):
-                address = f"{HOST}:{state[port]}"
-                listeners += f",{name}://{address}"
-                advertised += f",{name}://{address}"
-                protocols += f",{name}:{name}"
-            secured = {
+            listeners += [
+                Listener("SASL_PLAINTEXT", int(state["sasl_port"]), protocol="SASL_PLAINTEXT"),
+                Listener("SSL", int(state["ssl_port"]), protocol="SSL"),
+            ]
+        return BrokerNode(
+            node_id=1, port=self.port, controller_port=self.controller_port, log_dir=self.log_dir,
+            listeners=tuple(listeners),
+        )
+
+    def _properties(self) -> str:
+        props = broker_properties(self._node(), self.release)
+        if self.security is not None:
+            props.update({
                 "sasl.enabled.mechanisms": "SCRAM-SHA-512",
                 "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
                     "org.apache.kafka.common.security.scram.ScramLoginModule required;",
@@ -317,53 +323,15 @@ class KafkaServer(Service):
                 "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                 "super.users": "User:ANONYMOUS;User:admin",
                 "allow.everyone.if.no.acl.found": "false",
-            }
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            # Dynamic quorum: `format --standalone` makes this node the only voter.
-            "controller.quorum.bootstrap.servers": controller,
-            "controller.listener.names": "CONTROLLER",
-            "listeners": listeners,
-            "advertised.listeners": advertised,
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": protocols,
-            "log.dirs": str(self.log_dir),
-            "num.partitions": "1",
-            "auto.create.topics.enable": "false",
-            # One broker: every internal topic must live with a single replica.
-            "offsets.topic.replication.factor": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            # Consumers in tests join one at a time; waiting for more only adds latency.
-            "group.initial.rebalance.delay.ms": "0",
-            # After a SIGKILL the new process cannot register until the old
-            # incarnation's session expires (9 s by default); keep that short.
-            "broker.session.timeout.ms": "4000",
-            "broker.heartbeat.interval.ms": "1000",
-            # KIP-848 groups: the session and heartbeat are the broker's; detect a dead member as
-            # quickly as classic groups whose clients ask for 6 s / 1 s.
-            "group.consumer.min.session.timeout.ms": "6000",
-            "group.consumer.session.timeout.ms": "6000",
-            "group.consumer.min.heartbeat.interval.ms": "1000",
-            "group.consumer.heartbeat.interval.ms": "1000",
-            "num.network.threads": "2",
-            "num.io.threads": "4",
-            **secured,
-        }
-        return "".join(f"{key}={value}\n" for key, value in props.items())
+            })
+        return render_properties(props)
 
     def _format_storage(self) -> None:
         result = subprocess.run(
             [
                 *self._java(),
                 "kafka.tools.StorageTool",
-                "format",
-                "--standalone",
-                f"--cluster-id={self.cluster_id}",
-                f"--config={self.properties_file}",
+                *format_arguments(self._node(), self.cluster_id, self.properties_file),
             ],
             cwd=self.data_dir,
             stdin=subprocess.DEVNULL,
@@ -373,7 +341,8 @@ class KafkaServer(Service):
         )
         if result.returncode != 0:
             raise ServiceError(
-                f"kafka-storage format failed (exit {result.returncode})\n{result.stdout}\n{result.stderr}"
+                f"kafka-storage format in {self.data_dir} failed (exit {result.returncode})\n"
+                f"{result.stdout}\n{result.stderr}"
             )
 
 
@@ -394,7 +363,21 @@ def _ignore_error(_error: object) -> None:
     """Connection errors while the broker boots are the expected answer, not a failure."""
 
 
-def build_class_archive() -> Path | None:
+def quiet_admin(bootstrap_servers: str) -> AdminClient:
+    """An AdminClient for probing brokers that may be down: it retries fast and logs nothing."""
+    return AdminClient(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            # Retry fast while the port is still closed, instead of backing off to 10 s.
+            "reconnect.backoff.ms": 50,
+            "reconnect.backoff.max.ms": 250,
+        },
+        logger=_QUIET,
+        error_cb=_ignore_error,
+    )
+
+
+def build_class_archive(version: str = DEFAULT_KAFKA_VERSION) -> Path | None:
     """Record a class-data-sharing archive of a broker start, once per Kafka version and JVM.
 
     A throwaway broker starts with ``-XX:ArchiveClassesAtExit`` and stops
@@ -402,7 +385,7 @@ def build_class_archive() -> Path | None:
     archive, or None if it could not be made (the broker then starts without it,
     and a ``.failed`` marker stops further attempts).
     """
-    archive = class_archive()
+    archive = class_archive(version)
     failed = archive.with_suffix(".failed")
     if archive.exists():
         return archive
@@ -411,13 +394,13 @@ def build_class_archive() -> Path | None:
     partial = archive.with_name(f"{archive.stem}.{os.getpid()}.partial")
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kafka-cds-") as tmp:
-        server = KafkaServer(Path(tmp))
+        server = KafkaServer(Path(tmp), version=version)
         server._archive_to = partial
         try:
             server.start(timeout=180)
         except ServiceError as exc:
             failed.write_text(str(exc))
-            _log.warning("no class-data-sharing archive for Kafka: %s", exc)
+            _log.warning("no class-data-sharing archive for Kafka %s: %s", version, exc)
             return None
         finally:
             server.stop(timeout=120)  # the archive is written while the JVM exits

@@ -9,20 +9,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from devstack.kafka_config import DEFAULT_KAFKA_VERSION, kafka_release
 from devstack.paths import cache_dir
 from devstack.process import ServiceError
 
-KAFKA_VERSION = "4.1.1"
+KAFKA_VERSION = DEFAULT_KAFKA_VERSION
 SCALA_VERSION = "2.13"
-# Kafka 4.1 is built against this log4j2; its binary distribution ships the same.
-LOG4J_VERSION = "2.24.3"
-SLF4J_VERSION = "2.0.17"
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 
-# kafka_2.13 brings the broker, controller and StorageTool. The log4j2 binding is
-# added by hand: the artifact only depends on the slf4j API, so without it the
-# broker would log nothing. Its pom asks for slf4j-api 1.7, which cannot see an
-# slf4j2 binding; the direct 2.x dependency wins over it.
+# kafka_2.13 brings the broker, controller and StorageTool. The logging binding is
+# added by hand (see KafkaRelease.logging_artifacts): the artifact only depends on
+# the slf4j API, so without it the broker would log nothing.
 _POM = """\
 <?xml version="1.0" encoding="UTF-8"?>
 <project xmlns="http://maven.apache.org/POM/4.0.0"
@@ -39,24 +36,7 @@ _POM = """\
       <artifactId>kafka_{scala}</artifactId>
       <version>{kafka}</version>
     </dependency>
-    <dependency>
-      <groupId>org.slf4j</groupId>
-      <artifactId>slf4j-api</artifactId>
-      <version>{slf4j}</version>
-      <scope>runtime</scope>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-core</artifactId>
-      <version>{log4j}</version>
-      <scope>runtime</scope>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j2-impl</artifactId>
-      <version>{log4j}</version>
-      <scope>runtime</scope>
-    </dependency>
+{logging}
   </dependencies>
   <build>
     <pluginManagement>
@@ -71,6 +51,26 @@ _POM = """\
   </build>
 </project>
 """
+
+_DEPENDENCY = """\
+    <dependency>
+      <groupId>{a.group}</groupId>
+      <artifactId>{a.artifact}</artifactId>
+      <version>{a.version}</version>
+      <scope>runtime</scope>
+    </dependency>"""
+
+
+def runtime_pom(version: str) -> str:
+    """The pom whose runtime dependencies are one Kafka version's broker with its logging backend."""
+    release = kafka_release(version)
+    return _POM.format(
+        kafka=version,
+        scala=SCALA_VERSION,
+        logging="\n".join(_DEPENDENCY.format(a=artifact) for artifact in release.logging_artifacts()),
+        plugin=DEPENDENCY_PLUGIN_VERSION,
+    )
+
 
 def kafka_home(version: str = KAFKA_VERSION) -> Path:
     """Cache directory holding ``libs/`` for one Kafka version."""
@@ -91,21 +91,16 @@ def fetch_kafka(version: str = KAFKA_VERSION, *, force: bool = False) -> Path:
     home = kafka_home(version)
     libs = home / "libs"
     marker = libs / ".complete"
-    if marker.exists() and not force:
+    pom = runtime_pom(version)
+    # The marker names the pom the jars were resolved from: a changed pom resolves again.
+    stamp = f"{version} {hashlib.sha256(pom.encode()).hexdigest()[:16]}\n"
+    if not force and marker.exists() and marker.read_text() == stamp:
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
         raise ServiceError("Maven (mvn) is not on PATH; install it (Debian: apt-get install maven)")
     home.mkdir(parents=True, exist_ok=True)
-    (home / "pom.xml").write_text(
-        _POM.format(
-            kafka=version,
-            scala=SCALA_VERSION,
-            log4j=LOG4J_VERSION,
-            slf4j=SLF4J_VERSION,
-            plugin=DEPENDENCY_PLUGIN_VERSION,
-        )
-    )
+    (home / "pom.xml").write_text(pom)
     # A scratch dir of our own: concurrent fetches must not fill the same one.
     scratch = Path(tempfile.mkdtemp(prefix="libs.partial-", dir=home))
     result = subprocess.run(
@@ -130,11 +125,13 @@ def fetch_kafka(version: str = KAFKA_VERSION, *, force: bool = False) -> Path:
             f"mvn could not resolve org.apache.kafka:kafka_{SCALA_VERSION}:{version} "
             f"(exit {result.returncode})\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
-    (scratch / ".complete").write_text(version + "\n")
+    (scratch / ".complete").write_text(stamp)
     # Archived classes are checked against the jars' mtimes; new jars void them.
     for stale in [*home.glob("kafka-cds-*.jsa"), *home.glob("kafka-cds-*.failed")]:
         stale.unlink(missing_ok=True)
-    if force or not marker.exists():  # replaced, or left incomplete by an interrupted fetch
+    if force or not (marker.exists() and marker.read_text() == stamp):
+        # Replaced, stale, or left incomplete by an interrupted fetch (not one that another
+        # fetch has just completed).
         shutil.rmtree(libs, ignore_errors=True)
     try:
         scratch.rename(libs)

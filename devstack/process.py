@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Self, TypeVar
+
+T = TypeVar("T")
 
 
 class ServiceError(RuntimeError):
@@ -40,6 +42,18 @@ def read_cmdline(pid: int) -> list[str] | None:
     if not raw:
         return None  # zombies and kernel threads have an empty command line
     return [part.decode("utf-8", "replace") for part in raw.rstrip(b"\0").split(b"\0")]
+
+
+def process_rss(pid: int) -> int | None:
+    """Resident set size of a live process in bytes, from /proc; None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def read_pidfile(path: Path) -> int | None:
@@ -85,6 +99,101 @@ def stop_foreign_pid(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + 10
     while read_cmdline(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def poll(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    explain: Callable[[], str],
+    *,
+    transient: tuple[type[BaseException], ...] = (),
+    interval: float = 0.1,
+) -> T:
+    """Call ``predicate`` until it returns something truthy, and return that.
+
+    Exceptions of the ``transient`` types count as "not yet" (a node that is down does not
+    answer). After ``timeout`` seconds raises :class:`ServiceError` with ``explain()``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = predicate()
+        except transient:
+            result = None
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise ServiceError(f"after {max(timeout, 0):.0f}s: {explain()}")
+        time.sleep(interval)
+
+
+def stop_foreign_pids(pids: Sequence[int], timeout: float) -> None:
+    """:func:`stop_foreign_pid` for several processes told at once: members of a quorum stop together."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        stop_foreign_pid(pid, max(0.0, deadline - time.monotonic()))
+
+
+def wait_all_ready(services: Sequence[Service], timeout: float) -> None:
+    """Wait until every launched service in ``services`` answers, probing them in turn.
+
+    For servers that become ready only together (a quorum), so a member that exits is
+    reported at once, by name and with its logs, instead of after the others time out.
+    On any failure every one of them is killed and :class:`ServiceError` raised.
+    """
+    deadline = time.monotonic() + timeout
+    pending = list(services)
+    try:
+        while pending:
+            for service in list(pending):
+                proc = service._proc
+                if proc is None:
+                    raise ServiceError(f"{service.name} in {service.data_dir} was not launched")
+                code = proc.poll()
+                if code is not None:
+                    raise ServiceError(
+                        f"{service.name} in {service.data_dir} exited with code {code} during start-up\n"
+                        f"{service.log_tails()}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    names = ", ".join(f"{s.name} ({s.data_dir})" for s in pending)
+                    tails = "\n".join(s.log_tails() for s in pending)
+                    raise ServiceError(f"{names} did not answer within {timeout:.0f}s\n{tails}")
+                if service._ready(min(remaining, 1.0)):
+                    pending.remove(service)
+            if pending:
+                time.sleep(0.05)
+    except BaseException:
+        for service in services:
+            service.kill()
+        raise
+
+
+def stop_all(services: Sequence[Service], timeout: float) -> None:
+    """SIGTERM every service at once, wait for all of them, SIGKILL those still alive after ``timeout``.
+
+    Members of a quorum shut down cleanly only while a majority of them still runs, so
+    they are told to stop together rather than one after the other.
+    """
+    for service in services:
+        service._signal(signal.SIGCONT)
+        service._signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for service in services:
+        proc = service._proc
+        if proc is None:
+            continue
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            service._signal(signal.SIGKILL)
+            proc.wait()
+        service._forget()
 
 
 class Service(abc.ABC):
@@ -156,6 +265,11 @@ class Service(abc.ABC):
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the running process, None when it is not running."""
+        pid = self.pid
+        return None if pid is None else process_rss(pid)
+
     def start(self, timeout: float = 120) -> float:
         """Prepare and launch the server, block until it answers, return the seconds that took.
 
@@ -164,24 +278,44 @@ class Service(abc.ABC):
         tail of its logs) if the process exits or does not answer in time; the
         process is killed in that case.
         """
+        began = time.monotonic()
+        self.launch()
+        self.wait_ready(timeout)
+        return time.monotonic() - began
+
+    def launch(self) -> None:
+        """Prepare and spawn the server without waiting for it to answer.
+
+        For servers that can only answer together (the members of a quorum): launch
+        each, then :meth:`wait_ready` on each. A failure while preparing leaves
+        nothing running.
+        """
         if self.running:
             raise ServiceError(f"{self.name} in {self.data_dir} is already running (pid {self.pid})")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        began = time.monotonic()
         self._prepare()
         self._proc = self._spawn(self._command())
         self.pidfile.write_text(f"{self._proc.pid}\n")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the launched server answers; kill it and raise :class:`ServiceError` otherwise."""
+        if self._proc is None:
+            raise ServiceError(f"{self.name} in {self.data_dir} was not launched")
         deadline = time.monotonic() + timeout
         try:
             while True:
                 code = self._proc.poll()
                 if code is not None:
-                    raise ServiceError(f"{self.name} exited with code {code} during start-up\n{self._log_tails()}")
+                    raise ServiceError(
+                        f"{self.name} in {self.data_dir} exited with code {code} during start-up\n{self.log_tails()}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ServiceError(f"{self.name} did not answer within {timeout:.0f}s\n{self._log_tails()}")
+                    raise ServiceError(
+                        f"{self.name} in {self.data_dir} did not answer within {timeout:.0f}s\n{self.log_tails()}"
+                    )
                 if self._ready(min(remaining, 2.0)):
-                    return time.monotonic() - began
+                    return
                 time.sleep(0.05)
         except BaseException:
             # Whatever interrupted the start (timeout, Ctrl-C, a probe bug), a
@@ -264,5 +398,6 @@ class Service(abc.ABC):
             self.pidfile.unlink(missing_ok=True)
         self._proc = None
 
-    def _log_tails(self) -> str:
+    def log_tails(self) -> str:
+        """The tails of the files that explain what the server did, each under its path."""
         return "\n".join(f"--- {path} ---\n{tail(path)}" for path in self._log_files())

@@ -121,7 +121,12 @@ class RedisServer(Service):
                 f'tls-ca-cert-file "{self.tls.ca}"',
                 "tls-auth-clients no",
             ]
+        lines += self._extra_config()
         self.config_file.write_text("\n".join(lines) + "\n")
+
+    def _extra_config(self) -> list[str]:
+        """More ``redis.conf`` lines, for subclasses."""
+        return []
 
     def _command(self) -> list[str]:
         return [redis_server_binary(), str(self.config_file)]

@@ -1,8 +1,10 @@
 """Session-wide real services (Kafka, redis-server) and per-test clients.
 
 Set ``BRIDGE_TEST_BOOTSTRAP_SERVERS`` / ``BRIDGE_TEST_REDIS_URL`` to test against
-services you run yourself; otherwise devstack starts them in a temporary dir. A
-service that cannot be started fails the tests that need it: nothing is skipped.
+services you run yourself; otherwise devstack starts them in a temporary dir, Kafka in
+the version ``BRIDGE_TEST_KAFKA_VERSION`` names (default: devstack's). The Kafka and
+Redis clusters start on first use. A service that cannot be started fails the tests
+that need it: nothing is skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from devstack import KafkaServer, RabbitServer, RedisServer, ServiceError
+from devstack import KafkaCluster, KafkaServer, RabbitServer, RedisCluster, RedisServer, ServiceError
 from tests.support.kafka import create_topic, delete_topics, unique_name
 from tests.support.pipeline import Pipeline
 from tests.support.services import (
@@ -31,6 +33,7 @@ from tests.support.services import (
 BOOTSTRAP_ENV = "BRIDGE_TEST_BOOTSTRAP_SERVERS"
 REDIS_URL_ENV = "BRIDGE_TEST_REDIS_URL"
 RABBITMQ_URL_ENV = "BRIDGE_TEST_RABBITMQ_URL"
+KAFKA_VERSION_ENV = "BRIDGE_TEST_KAFKA_VERSION"
 
 _startup_report: list[str] = []
 
@@ -38,6 +41,11 @@ _startup_report: list[str] = []
 def _note(line: str) -> None:
     _startup_report.append(line)
     print(line)
+
+
+def kafka_version() -> str | None:
+    """The Kafka version the session's brokers run: ``BRIDGE_TEST_KAFKA_VERSION``, or None for devstack's default."""
+    return os.environ.get(KAFKA_VERSION_ENV) or None
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -59,13 +67,13 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaEndpoint]:
         _note(f"kafka: using {external} from {BOOTSTRAP_ENV}")
         yield ExternalKafka(external)
         return
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
     try:
+        server = KafkaServer(tmp_path_factory.mktemp("kafka"), version=kafka_version())
         seconds = server.start()
     except ServiceError as exc:
-        server.stop()
         pytest.fail(f"could not start Kafka (set {BOOTSTRAP_ENV} to use your own):\n{exc}", pytrace=False)
-    _note(f"kafka: started at {server.bootstrap_servers} in {seconds:.1f}s (data in {server.data_dir})")
+    _note(f"kafka: {server.version} started at {server.bootstrap_servers} in {seconds:.1f}s "
+          f"(data in {server.data_dir})")
     try:
         yield server
     finally:
@@ -121,6 +129,59 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitEndpoin
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A 3-broker KRaft cluster for the whole session, started on first use (use ``kafka_cluster``)."""
+    try:
+        cluster = KafkaCluster(tmp_path_factory.mktemp("kafka-cluster"), version=kafka_version())
+        seconds = cluster.start()
+    except ServiceError as exc:
+        pytest.fail(f"could not start the Kafka cluster:\n{exc}", pytrace=False)
+    rss = sum(size or 0 for size in cluster.rss_bytes().values()) / 2**20
+    _note(f"kafka cluster: {cluster.version} started at {cluster.bootstrap_servers} in {seconds:.1f}s "
+          f"({rss:.0f} MB resident, data in {cluster.data_dir})")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def kafka_cluster(kafka_cluster_session: KafkaCluster) -> Iterator[KafkaCluster]:
+    """The session's Kafka cluster with all three brokers up, before and after the test: brokers a test
+    killed or stopped are started again."""
+    kafka_cluster_session.heal()
+    yield kafka_cluster_session
+    kafka_cluster_session.heal()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster (3 primaries, 3 replicas) for the whole session, started on first use
+    (use ``redis_cluster``)."""
+    try:
+        cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+        seconds = cluster.start()
+    except ServiceError as exc:
+        pytest.fail(f"could not start the Redis cluster:\n{exc}", pytrace=False)
+    _note(f"redis cluster: started at {', '.join(cluster.addresses)} in {seconds:.1f}s (data in {cluster.data_dir})")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's Redis Cluster, healthy with all six nodes up before and after the test, and empty
+    when the test starts (roles may have moved: a failover is not undone)."""
+    redis_cluster_session.heal()
+    for primary in redis_cluster_session.primaries():
+        primary.command("FLUSHALL")
+    yield redis_cluster_session
+    redis_cluster_session.heal()
 
 
 @pytest.fixture(scope="session")
