@@ -7,6 +7,7 @@ works whether or not a bridge is running.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
