@@ -121,6 +121,7 @@ class DeadLetters:
         admin = AdminClient(producer_config(self.settings))
         try:
             existing = admin.list_topics(timeout=timeout).topics
+            admin.poll(0)  # its librdkafka lines go through the logger
         except KafkaException as e:
             logger.warning("cannot check dead-letter topics %s: %s", ", ".join(wanted), e)
             return
@@ -135,6 +136,7 @@ class DeadLetters:
             except KafkaException as e:
                 if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     logger.error("cannot create dead-letter topic %s: %s", topic, e)
+        admin.poll(0)
 
     def send(self, dead_letter_topic: str, env: Mapping[str, Any], headers: list[tuple[str, bytes | None]]) -> None:
         """Queue the dead letter of the record in ``env``; its outcome comes from :meth:`poll`."""

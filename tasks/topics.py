@@ -7,6 +7,7 @@ one-shot ``topics`` service runs it at every start) changes nothing.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -26,8 +27,10 @@ def create_topics(
     Returns the topics this call created. A topic created by someone else meanwhile counts as
     existing.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    # librdkafka's lines go through logging, served by the polls after each request.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("tasks.topics")})
     existing = admin.list_topics(timeout=timeout).topics
+    admin.poll(0)
     wanted = [
         NewTopic(topic, num_partitions=partitions or n, replication_factor=replication_factor)
         for topic, n in TOPICS.items()
@@ -41,6 +44,7 @@ def create_topics(
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    admin.poll(0)
     _wait_for_leaders(admin, timeout)
     return created
 

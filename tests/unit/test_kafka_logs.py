@@ -67,8 +67,8 @@ def _has_logger(call: ast.Call) -> bool:
     return False
 
 
-def test_every_kafka_client_the_bridge_and_the_demo_producer_create_is_given_a_logger() -> None:
-    sources = [*sorted((REPO / "bridge").glob("*.py")), REPO / "tasks" / "produce.py"]
+def test_every_kafka_client_the_bridge_and_the_example_fleet_create_is_given_a_logger() -> None:
+    sources = [*sorted((REPO / "bridge").rglob("*.py")), *sorted((REPO / "tasks").glob("*.py"))]
     found = [(path, line, call) for path in sources for line, call in _client_calls(path)]
     assert len(found) >= 5  # consumer, producers, admin client: the scan sees them
     without = [f"{path.relative_to(REPO)}:{line}" for path, line, call in found if not _has_logger(call)]
