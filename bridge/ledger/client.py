@@ -35,7 +35,7 @@ def _script(name: str, *, common: bool = True) -> str:
     return prelude + lua.joinpath(f"{name}.lua").read_text()
 
 
-_SCRIPTS = ("start", "finish", "stage", "beat", "stale", "handover", "bump", "fail", "prune")
+_SCRIPTS = ("start", "finish", "stage", "beat", "stale", "handover", "bump", "fail", "prune", "settle")
 
 #: What a ledger call raises: an outage (retried) or a refused permission (fatal for the bridge).
 LedgerError = (LedgerUnavailable, LedgerAccessDenied)
@@ -357,11 +357,7 @@ class Ledger:
         if not offsets:
             return
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.zadd(keys.done, {str(o): o for o in offsets})
-                pipe.hdel(keys.failed, *[str(o) for o in offsets])
-                pipe.hdel(keys.attempts, *[str(o) for o in offsets])
-                pipe.execute()
+            self._run("settle", keys, offsets)
         except redis.RedisError as e:
             raise failure(f"settling failures of {keys.topic}[{keys.partition}]", e) from e
 
