@@ -66,7 +66,7 @@ def failure(what: str, error: redis.RedisError) -> LedgerUnavailable | LedgerAcc
 class Ledger:
     """Typed access to the ledger. Thread-safe (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
         self.client = client
         self._scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
         self._seen_lanes = client.register_script(_script("lanes_seen", common=False))
