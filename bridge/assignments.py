@@ -255,7 +255,8 @@ class Assignments:
         self._ledger.open_lanes({o.lane: o.topic for o in ready})
         lost: list[Owned] = []
         for owned, epoch in zip(ready, self._ledger.epochs([o.keys for o in ready]), strict=True):
-            if epoch is None:
+            # Lower than ours: a failover lost the last writes before they reached a replica.
+            if epoch is None or epoch < owned.state.epoch:
                 lost.append(owned)
             elif epoch > owned.state.epoch and not owned.assignment.fenced:
                 # A newer owner bumped it: Kafka revokes it from this bridge soon; until then it

@@ -153,6 +153,24 @@ def test_a_partition_whose_epoch_the_ledger_lost_starts_a_new_one_and_dispatches
     assert store.lanes() == {owned.lane: T}, "lanes registered again"
 
 
+def test_a_partition_whose_epoch_went_back_starts_a_new_one_above_both_and_dispatches_again() -> None:
+    # A Redis primary that dies before its replica has the last writes: the promoted replica
+    # shows the epoch before this bridge's bump.
+    store = ledger()
+    r = room(store)
+    r.assign(0)
+    owned = r.owned()
+    owned.assignment.handing_over = False
+    deliver(owned, 0, 1)
+    owned.state.take_ready(2)
+    ours = owned.state.epoch
+    store.client.set(owned.keys.epoch, ours - 5)
+    r.assignments.upkeep()
+    assert owned.state.epoch > ours
+    assert store.epochs([owned.keys]) == [owned.state.epoch]
+    assert [e.offset for e in owned.state.take_ready(10)] == [0, 1], "again from the first, in order"
+
+
 def test_a_partition_the_ledger_shows_with_a_newer_owner_is_fenced() -> None:
     store = ledger()
     r = room(store)
