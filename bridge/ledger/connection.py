@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from ..errors import LedgerAccessDenied, LedgerUnavailable
 from .cluster import LedgerCluster
@@ -87,6 +88,18 @@ def connect(url: str, **kwargs: Any) -> LedgerClient:
         node_url, nodes = cluster_nodes(url)
         return LedgerCluster(node_url, nodes, **options)
     return redis.Redis.from_url(url, **options)
+
+
+def home(client: LedgerClient, key: str) -> str | None:
+    """Where ``key`` lives, as the client last learned it: its slot's primary (host:port) on a
+    Redis Cluster; None on a single Redis, where nothing moves, or while the cluster is away."""
+    if not isinstance(client, RedisCluster):
+        return None
+    try:
+        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+    except (redis.RedisError, RedisClusterException):
+        return None
+    return None if node is None else str(node.name)
 
 
 #: How Redis words a refusal: of a command, or of a command a script calls.
