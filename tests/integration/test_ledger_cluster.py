@@ -129,7 +129,7 @@ def test_partition_mode_with_the_ledger_on_a_cluster_processes_every_record_once
                                     KDB_TEST_ORDERING="partition", **broker)
         if len(primaries_of(redis_cluster, pipeline.group, topic)) == 3:
             break
-    total = 3000 if fleet == "rabbitmq" else 10_000
+    total = 2000 if fleet == "rabbitmq" else 6000
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, total)
     pipeline.start_workers(processes=2, threads=8)
     started = time.monotonic()
@@ -175,10 +175,10 @@ def test_none_mode_with_the_ledger_on_a_cluster_dead_letters_poison_once_each_co
     topic = topic_factory(PARTITIONS)
     pipeline = cluster_pipeline(pipeline_factory, redis_cluster, redis_server, topic, KDB_TEST_ORDERING="none",
                                 KDB_TEST_VALUE_CODEC="json", KDB_TEST_FAIL_KEYS="13", KDB_TEST_MAX_RETRIES="1")
-    poison = {i for i in range(6000) if i % 100 == 37}
-    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 6000,
+    poison = {i for i in range(4000) if i % 100 == 37}
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 4000,
                   value=lambda i: f"{{not json {i}" if i in poison else json.dumps({"i": i}))
-    failing = {i for i in range(6000) if i % 97 == 13 and i not in poison}
+    failing = {i for i in range(4000) if i % 97 == 13 and i not in poison}
     pipeline.start_workers(processes=2, threads=8)
     pipeline.start_bridge()
     report = run_to_end(pipeline, redis_client, "key")
