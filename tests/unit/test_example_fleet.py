@@ -127,3 +127,12 @@ def test_an_audit_event_reaches_the_existing_actor_as_a_plain_dict_with_its_reco
         "audit-events[1]@1 actor=user-2 action=edit",
     ]
     assert kit.committed("audit-events") == {1: 2}
+
+
+def test_an_audit_event_sent_by_other_code_without_kafka_is_remembered_without_a_position(
+    remembered: fakeredis.FakeRedis,
+) -> None:
+    import tasks.audit
+
+    tasks.audit.record_audit_event({"actor": "cron", "action": "purge"})
+    assert lines(remembered, "audit") == ["direct actor=cron action=purge"]
