@@ -7,6 +7,7 @@ The task broker and the test's history stay on the session's single redis-server
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -20,8 +21,10 @@ import redis
 
 from bridge.errors import LedgerUnavailable
 from bridge.keys import FINISHED_PATTERN, PartitionKeys
-from bridge.ledger import Ledger, Try, connect
+from bridge.ledger import End, Ledger, Try, connect
+from bridge.ledger.batches import CHUNK
 from bridge.ledger.cluster import LedgerCluster
+from bridge.ledger.scripts import script
 from devstack import RedisCluster
 from tests.integration.test_bridge import assert_complete, run_to_end
 from tests.support.bridge_proc import REPO
@@ -110,6 +113,72 @@ def test_ledger_calls_span_every_primary_survive_a_failover_and_announce_finishe
     finally:
         listener.close()
         client.close()
+
+
+def ledger_state(ledger: Ledger, keys: PartitionKeys) -> dict[str, Any]:
+    """What the bridge and later starts read of a partition (registration times are the clock's)."""
+    client = ledger.client
+    return {
+        "epoch": client.get(keys.epoch),
+        "done": ledger.done_from(keys, 0),
+        "failed": client.hgetall(keys.failed),
+        "running": {o: {k: v for k, v in json.loads(raw).items() if k != "t"}
+                    for o, raw in client.hgetall(keys.running).items()},
+        "attempts": client.hgetall(keys.attempts),
+        "fresh": client.lrange(keys.fresh, 0, -1),
+    }
+
+
+def test_batched_starts_and_ends_over_every_primary_leave_what_they_leave_on_a_single_redis(
+    redis_cluster: RedisCluster, redis_server: RedisEndpoint, redis_client: redis.Redis,
+) -> None:
+    on_cluster, on_one = Ledger(connect(redis_cluster.ledger_url)), Ledger(connect(redis_server.url))
+    parts = [PartitionKeys("g", "orders", p) for p in range(12)]
+    assert len({redis_cluster.node_for_key(k.epoch).port for k in parts}) == 3
+    for ledger in (on_cluster, on_one):
+        for k in parts:
+            ledger.client.set(k.epoch, 2)
+    failure = {"error": {"type": "E", "message": "m"}}
+
+    def both(starts: dict[PartitionKeys, list[tuple[Try, str]]], ends: dict[PartitionKeys, list[End]]) -> Any:
+        answers = on_cluster.start_and_finish_many(starts, ends, "w")
+        assert answers == on_one.start_and_finish_many(starts, ends, "w")
+        for k in parts:
+            assert ledger_state(on_cluster, k) == ledger_state(on_one, k), f"partition {k.partition}"
+        return answers
+
+    # More starts per partition than one call takes: two many.lua calls each, 24 over three primaries.
+    first = CHUNK + 100
+    answers = both({k: [(Try(o, 2, 1, 0, f"t{o}"), "w") for o in range(first)] for k in parts}, {})
+    assert answers == {k: [("run", 0)] * first for k in parts}
+
+    # Ends of every outcome with starts in one batch: a success, a final failure, a scheduled retry,
+    # a start of a record done meanwhile, and one of an older epoch.
+    def mixed(k: PartitionKeys) -> tuple[list[tuple[Try, str]], list[End]]:
+        ends = [End(Try(o, 2, 1, 0, f"t{o}"), "done") for o in range(first - 10)]
+        ends += [End(Try(first - 10, 2, 1, 0, f"t{first - 10}"), "failed", failure),
+                 End(Try(first - 9, 2, 1, 0, f"t{first - 9}"), "retry", {}, 60_000)]
+        starts = [(Try(0, 2, 2, 0, "again"), "w"), (Try(first, 1, 1, 0, "old"), "w"),
+                  *((Try(o, 2, 1, 0, f"t{o}"), "w") for o in range(first, first + 5))]
+        return starts, ends
+
+    batches = {k: mixed(k) for k in parts}
+    answers = both({k: s for k, (s, _) in batches.items()}, {k: e for k, (_, e) in batches.items()})
+    assert answers == {k: [("done", 0), ("fenced", 0), *[("run", 0)] * 5] for k in parts}
+    assert ledger_state(on_cluster, parts[0])["failed"] == {str(first - 10): json.dumps({**failure, "e": 2})}
+
+    # A promoted replica has no scripts (unless it was a primary before, hence the flush): the batch
+    # meets NOSCRIPT there, loads them and runs again.
+    old = redis_cluster.node_for_key(parts[0].epoch)
+    redis_cluster.replica_of(old).command("SCRIPT", "FLUSH")
+    new = redis_cluster.failover(old)
+    many = hashlib.sha1(script("many").encode()).hexdigest()
+    assert new.command("SCRIPT", "EXISTS", many) == [0]
+    ends = {k: [End(Try(o, 2, 1, 0, f"t{o}"), "done") for o in range(first, first + 5)] for k in parts}
+    assert both({}, ends) == {}
+    assert all(on_cluster.done_from(k, 0) == set(range(first - 10)) | set(range(first, first + 5)) for k in parts)
+    on_cluster.client.close()
+    on_one.client.close()
 
 
 # -- the core scenarios --------------------------------------------------------------------------------
