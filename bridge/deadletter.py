@@ -136,6 +136,10 @@ class DeadLetters:
             except KafkaException as e:
                 if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     logger.error("cannot create dead-letter topic %s: %s", topic, e)
+            except TimeoutError:
+                # A broker lost while the controller creates it: the creation may still finish.
+                logger.error("cannot create dead-letter topic %s: Kafka at %s gave no answer within %.0fs",
+                             topic, self.settings.bootstrap_servers, timeout)
         admin.poll(0)
 
     def send(self, dead_letter_topic: str, env: Mapping[str, Any], headers: list[tuple[str, bytes | None]]) -> None:

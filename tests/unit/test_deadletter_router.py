@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
-from bridge.deadletter import DeadLetterRouter, Outcome
+import pytest
+
+from bridge import deadletter
+from bridge.deadletter import DeadLetterRouter, DeadLetters, Outcome
 from bridge.owned import Partitions
 from bridge.stats import Stats
 from tests.unit.parts import T, deliver, ledger, owned, settings
@@ -64,3 +69,42 @@ def test_with_dead_lettering_off_a_final_failure_is_settled_without_a_write() ->
     room.fail(partition, partition.state.entry(0), 10.0, "final-failure", {})
     room.settle(10.0)
     assert producer.sent == [] and partition.state.committable() == 1
+
+
+class _Future:
+    def __init__(self, outcome: BaseException | None) -> None:
+        self.outcome = outcome
+
+    def result(self, timeout: float | None = None) -> None:
+        if self.outcome is not None:
+            raise self.outcome
+
+
+class _Admin:
+    """An AdminClient whose topic creations end as given: a broker lost mid-creation never answers."""
+
+    outcomes: ClassVar[dict[str, BaseException | None]] = {}
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        pass
+
+    def list_topics(self, timeout: float) -> Any:
+        return SimpleNamespace(topics={})
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def create_topics(self, topics: list[Any], operation_timeout: float) -> dict[str, _Future]:
+        return {t.topic: _Future(self.outcomes[t.topic]) for t in topics}
+
+
+def test_a_dead_letter_topic_kafka_does_not_confirm_in_time_is_logged_and_the_bridge_starts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    _Admin.outcomes = {"a.dlq": TimeoutError(), "b.dlq": None}
+    monkeypatch.setattr(deadletter, "AdminClient", _Admin)
+    letters = DeadLetters(settings(bootstrap_servers="kafka-1:9092"), producer_factory=lambda config: None)
+    with caplog.at_level(logging.INFO, logger="bridge.deadletter"):
+        letters.ensure_topics(["a.dlq", "b.dlq"], timeout=2)
+    assert "cannot create dead-letter topic a.dlq: Kafka at kafka-1:9092 gave no answer within 2s" in caplog.text
+    assert "created dead-letter topic b.dlq" in caplog.text
