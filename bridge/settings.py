@@ -191,7 +191,10 @@ class Settings(WorkerSettings):
     )
     create_dead_letter_topics: bool = Field(
         True,
-        description="Create missing dead-letter topics at start (one partition, the broker's default replication).",
+        description=(
+            "Create missing dead-letter topics at start, and again when a write finds one missing (one partition,"
+            " the broker's default replication)."
+        ),
     )
     wait_for_topics: bool = Field(
         False,
