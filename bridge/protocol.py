@@ -43,6 +43,7 @@ class Reason(enum.StrEnum):
     FINAL_FAILURE = "final-failure"
     UNDECODABLE = "undecodable"
     TOO_LARGE = "too-large"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, slots=True)
