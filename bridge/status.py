@@ -128,7 +128,8 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
     return rows
 
 
-_COLUMNS = ("topic", "partition", "committed", "end", "lag", "in_flight", "oldest_age_s", "owner", "reported_s_ago")
+_COLUMNS = ("topic", "partition", "committed", "end", "lag", "in_flight", "oldest_age_s", "owner", "reported_s_ago",
+            "paused_at")
 
 
 def render(rows: list[dict[str, Any]], as_json: bool) -> str:
