@@ -45,6 +45,7 @@ def kafka_handler(
     offset_reset: OffsetReset = "earliest",
     window: int | None = None,
     dead_letter_topic: str | bool = True,
+    max_redispatches: int | None = 3,
 ) -> Callable[[ActorT], ActorT]:
     """Make a dramatiq actor the handler of one or more Kafka topics.
 
@@ -62,6 +63,11 @@ def kafka_handler(
       dead_letter_topic: where final failures and undecodable or oversized records are written
         before their offset is committed: ``True`` (default) for ``<topic>.dlq``, a topic name,
         or ``False`` to only log them and move on.
+      max_redispatches: how many times a record is run again after the worker running it died
+        (killed, crashed, cut off from Redis: no sign of life) before it is given up as a final
+        failure with reason ``stuck``, so that a record that crashes its workers cannot hold its
+        partition forever. ``None`` never gives up. A message lost before any worker started it
+        is dispatched again without limit.
 
     The lane (dramatiq queue) of each record is managed by the bridge and cannot be chosen.
 
@@ -93,6 +99,13 @@ def kafka_handler(
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise HandlerError(f"kafka_handler for actor {name!r}: window={window!r} must be a positive integer")
 
+        if max_redispatches is not None and (
+            isinstance(max_redispatches, bool) or not isinstance(max_redispatches, int) or max_redispatches < 0
+        ):
+            raise HandlerError(
+                f"kafka_handler for actor {name!r}: max_redispatches={max_redispatches!r} must be a non-negative "
+                "integer or None"
+            )
         if not isinstance(dead_letter_topic, bool) and (
             not isinstance(dead_letter_topic, str) or not _TOPIC.match(dead_letter_topic)
         ):
@@ -105,7 +118,8 @@ def kafka_handler(
                 f"kafka_handler for actor {name!r}: dead_letter_topic={dead_letter_topic!r} is one of its own topics"
             )
         handler = Handler(
-            actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window, dead_letter_topic
+            actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window,
+            dead_letter_topic, max_redispatches,
         )
         try:
             registry.add(handler)

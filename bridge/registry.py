@@ -40,6 +40,8 @@ class Handler:
     offset_reset: OffsetReset
     window: int | None
     dead_letter_topic: str | bool = True
+    #: Runs after a copy died running it before the record is given up as ``stuck``; None: never.
+    max_redispatches: int | None = 3
 
     @property
     def name(self) -> str:

@@ -2,7 +2,7 @@
 
 from .client import Ledger, LedgerError
 from .connection import connect
-from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
+from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Stuck, Try
 
 __all__ = [
     "Beats",
@@ -14,6 +14,7 @@ __all__ = [
     "Progress",
     "Stale",
     "StartResult",
+    "Stuck",
     "Try",
     "connect",
 ]

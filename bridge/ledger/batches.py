@@ -8,7 +8,7 @@ from typing import Any
 
 from ..keys import PartitionKeys
 from ..protocol import failure_json
-from .facts import End, Try
+from .facts import End, Progress, Stale, Stuck, Try
 
 #: Records per call: Lua unpacks a script's arguments on a bounded stack.
 CHUNK = 500
@@ -17,6 +17,19 @@ CHUNK = 500
 def pairs(flat: Sequence[Any]) -> dict[int, dict[str, Any]]:
     """A flat reply of offsets and JSON details, as a dict."""
     return {int(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def stale_answer(reply: Sequence[Any]) -> Stale:
+    """``stale.lua``'s reply: done offsets, (offset, detail) pairs, (offset, attempt) pairs and
+    (offset, detail, successor or -1) triples."""
+    done, failed, again, stuck = reply
+    numbers = [int(v) for v in again]
+    given_up = {
+        int(stuck[i]): Stuck(json.loads(stuck[i + 1]), int(stuck[i + 2]) if int(stuck[i + 2]) >= 0 else None)
+        for i in range(0, len(stuck), 3)
+    }
+    return Stale(Progress([int(o) for o in done], pairs(failed)), dict(zip(numbers[::2], numbers[1::2], strict=True)),
+                 given_up)
 
 
 def many_calls(
