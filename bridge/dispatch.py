@@ -138,7 +138,7 @@ class Dispatcher:
         # judged on the ledger's clock, and a scheduled retry is alive until its eta.
         limits = {k: (o.handler.max_redispatches, o.state.epoch) for k, (o, _) in candidates.items()}
         answers = self._ledger.stale({k: [e.offset for e in found] for k, (_, found) in candidates.items()}, timeout,
-                                     limits)
+                                     limits, self._live)
         again: list[Send] = []
         successors: list[Send] = []
         for keys, answer in answers.items():

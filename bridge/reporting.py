@@ -21,7 +21,7 @@ from .metrics import Metrics, PartitionView, View
 from .owned import Owned, Partitions
 from .settings import Settings
 from .stats import Stats
-from .stuck import StuckWarnings, holding
+from .stuck import Holders, StuckWarnings
 from .timelag import TimestampReader, lag_seconds
 
 logger = logging.getLogger("bridge")
@@ -53,6 +53,7 @@ class Reporting:
         #: Reads what the loop does not hold; without it, such a partition's time lag is unknown.
         self._timestamps = timestamps
         self._wall = wall
+        self._holders = Holders()
         self._stuck = StuckWarnings(settings.stuck_after)
         self._views_due = Every(0.5)
         self._progress_due = Every(settings.progress_interval, first=float("inf"))
@@ -66,7 +67,7 @@ class Reporting:
         for owned in self._partitions:
             oldest = owned.state.oldest_unfinished_dispatch()
             confirmed = owned.marks.confirmed
-            held = holding(owned.state, now)
+            held = self._holders.see(owned, now)
             view = PartitionView(
                 topic=owned.topic,
                 partition=owned.partition,
@@ -79,6 +80,7 @@ class Reporting:
                 holding_age=held.age if held else None,
             )
             views.append(replace(view, lag_seconds=self._lag_seconds(owned, view, wall)))
+        self._holders.forget(owned.key for owned in self._partitions)
         return views
 
     def _lag_seconds(self, owned: Owned, view: PartitionView, wall: float) -> float | None:

@@ -20,7 +20,7 @@ from .ledger import Stuck
 from .logs import coordinates
 from .metrics import PartitionView
 from .owned import TP, Owned
-from .partition import Entry, PartitionState
+from .partition import Entry
 from .protocol import Reason
 
 logger = logging.getLogger("bridge")
@@ -28,20 +28,40 @@ logger = logging.getLogger("bridge")
 
 @dataclass(frozen=True, slots=True)
 class Holding:
-    """The record that holds its partition: its offset, and seconds since it was first dispatched."""
+    """The record that holds its partition: its offset, and for how many seconds it has (since it
+    was dispatched, or since it became the oldest unfinished record if that came later)."""
 
     offset: int
     age: float
 
 
-def holding(state: PartitionState, now: float) -> Holding | None:
-    """The record holding the partition now, or None: the oldest unfinished record, dispatched,
-    with a later record delivered behind it (waiting, or done but not committable past it)."""
-    head = state.head()
-    last = state.last_delivered
-    if head is None or not head.dispatched or last is None or last <= head.offset:
-        return None
-    return Holding(head.offset, max(now - head.dispatched_at, 0.0))
+class Holders:
+    """The record holding each partition. Called from the loop's thread only."""
+
+    def __init__(self) -> None:
+        #: Per partition: its oldest unfinished record, and since when it has been that.
+        self._heads: dict[TP, tuple[int, float]] = {}
+
+    def see(self, owned: Owned, now: float) -> Holding | None:
+        """The record holding ``owned`` now, or None: its oldest unfinished record, dispatched, with
+        a later record delivered behind it (waiting, or done but not committable past it)."""
+        state = owned.state
+        head, last = state.head(), state.last_delivered
+        if head is None:
+            self._heads.pop(owned.key, None)
+            return None
+        known = self._heads.get(owned.key)
+        if known is None or known[0] != head.offset:
+            known = self._heads[owned.key] = (head.offset, now)
+        if not head.dispatched or last is None or last <= head.offset:
+            return None
+        return Holding(head.offset, max(now - max(known[1], head.dispatched_at), 0.0))
+
+    def forget(self, keep: Iterable[TP]) -> None:
+        """Drop partitions no longer owned."""
+        kept = set(keep)
+        for key in [k for k in self._heads if k not in kept]:
+            del self._heads[key]
 
 
 def give_up(router: DeadLetterRouter, owned: Owned, entry: Entry, stuck: Stuck, now: float) -> list[Entry]:

@@ -19,6 +19,14 @@ def pairs(flat: Sequence[Any]) -> dict[int, dict[str, Any]]:
     return {int(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def stale_args(
+    keys: PartitionKeys, offsets: Sequence[int], timeout: float, limit: int | None, epoch: int, live: float
+) -> list[Any]:
+    """``stale.lua``'s arguments for one partition."""
+    return [int(timeout * 1000), -1 if limit is None else limit, epoch, keys.finished_channel, int(live * 1000),
+            *offsets]
+
+
 def stale_answer(reply: Sequence[Any]) -> Stale:
     """``stale.lua``'s reply: done offsets, (offset, detail) pairs, (offset, attempt) pairs and
     (offset, detail, successor or -1) triples."""

@@ -21,7 +21,7 @@ import redis
 from ..errors import LedgerAccessDenied, LedgerUnavailable
 from ..keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
 from ..protocol import failure_json
-from .batches import many_calls, pairs, stale_answer
+from .batches import many_calls, pairs, stale_answer, stale_args
 from .connection import safe_url
 from .facts import START_CODES, Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
 from .scripts import SCRIPTS, failure, script
@@ -250,20 +250,19 @@ class Ledger:
         partitions: Mapping[PartitionKeys, Sequence[int]],
         timeout: float,
         limits: Mapping[PartitionKeys, tuple[int | None, int]] | None = None,
+        live: float = 15.0,
     ) -> dict[PartitionKeys, Stale]:
         """Look at dispatched records that showed no progress, one round trip for all partitions:
         done or failed meanwhile, or without a sign of life for ``timeout`` (judged on the Redis
         clock; a scheduled retry's sign of life is its eta): those get a new attempt number. With
         ``limits`` (keys -> (max_redispatches or None, the owner's epoch)), a record whose copies
-        died running more often than that is recorded as a final failure with reason ``stuck``."""
+        died running (no sign of life for ``live``) more often than that, none running now, is
+        recorded as a final failure with reason ``stuck``."""
         items = [(keys, offsets) for keys, offsets in partitions.items() if offsets]
         if not items:
             return {}
-        calls = []
-        for keys, offsets in items:
-            limit, epoch = (limits or {}).get(keys, (None, 0))
-            args = [int(timeout * 1000), -1 if limit is None else limit, epoch, keys.finished_channel, *offsets]
-            calls.append(("stale", keys, args))
+        given = limits or {}
+        calls = [("stale", k, stale_args(k, found, timeout, *given.get(k, (None, 0)), live)) for k, found in items]
         try:
             replies = self._batch(calls)
         except redis.RedisError as e:

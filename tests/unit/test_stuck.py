@@ -16,7 +16,7 @@ from bridge.dispatch import Dispatcher
 from bridge.metrics import PartitionView
 from bridge.owned import Owned, Partitions
 from bridge.stats import Stats
-from bridge.stuck import StuckWarnings, holding
+from bridge.stuck import Holders, Holding, StuckWarnings
 from tests.unit.parts import RecordingRouter, deliver, ledger, owned, settings
 
 
@@ -57,18 +57,28 @@ def test_a_record_whose_worker_died_too_often_is_dead_lettered_as_stuck_and_its_
 
 
 def test_the_record_holding_a_partition_is_its_oldest_unfinished_one_with_records_behind_it() -> None:
-    partition = owned(ordering="none")
+    holders, partition = Holders(), owned(ordering="none")
     deliver(partition, 0)
-    assert holding(partition.state, 5.0) is None, "not dispatched yet"
+    assert holders.see(partition, 0.5) is None, "not dispatched yet"
     partition.state.take_ready(10, now=1.0)
-    assert holding(partition.state, 5.0) is None, "nothing waits behind it"
+    assert holders.see(partition, 1.0) is None, "nothing waits behind it"
     deliver(partition, 1, 2)
     partition.state.take_ready(10, now=2.0)
     partition.state.mark_done([1, 2])
-    held = holding(partition.state, 5.0)
-    assert held is not None and (held.offset, held.age) == (0, 4.0), "done records behind it cannot be committed"
+    assert holders.see(partition, 5.0) == Holding(0, 4.0), "done records behind it cannot be committed past it"
     partition.state.mark_done([0])
-    assert holding(partition.state, 5.0) is None
+    assert holders.see(partition, 6.0) is None
+
+
+def test_a_record_that_waited_behind_another_holds_its_partition_only_from_when_that_one_finished() -> None:
+    holders, partition = Holders(), owned(ordering="partition")
+    deliver(partition, 0, 1, 2)
+    partition.state.take_ready(10, now=1.0)
+    assert holders.see(partition, 1.0) == Holding(0, 0.0)
+    assert holders.see(partition, 10.0) == Holding(0, 9.0)
+    partition.state.mark_done([0])
+    assert holders.see(partition, 12.0) == Holding(1, 0.0)
+    assert holders.see(partition, 15.0) == Holding(1, 3.0)
 
 
 def view(offset: int | None, age: float | None, partition: int = 0) -> PartitionView:

@@ -78,8 +78,11 @@ def test_deaths_count_when_the_task_broker_runs_the_record_again_by_itself(ledge
     # dramatiq's Redis broker hands a dead worker's unacknowledged message out again: same attempt.
     assert start(ledger, 5, e, "again", live=0.0) == "run"
     assert deaths(ledger, 5) == 1
-    answer = stale(ledger, 5, e, limit=0)
-    assert sorted(answer.stuck) == [5], "given up although its newest copy still looks alive"
+    assert stale(ledger, 5, e, limit=0).stuck == {}, "never given up while a copy of it runs"
+    die(ledger, 5)
+    answer = stale(ledger, 5, e, limit=0, timeout=1000.0)
+    assert sorted(answer.stuck) == [5], "its last copy died: given up before it looked silent for the timeout"
+    assert deaths(ledger, 5) == 2
     assert start(ledger, 5, e, "late", live=0.0) == "superseded"
 
 
