@@ -24,7 +24,8 @@ from .deadletter import DeadLetterRouter
 from .enqueue import pipelined
 from .errors import FatalError, KafkaUnavailable, LedgerUnavailable
 from .flow import Flow
-from .keys import PartitionKeys, lane_name
+from .keys import PartitionKeys
+from .lanes import lane_of
 from .ledger import Ledger, LedgerError
 from .logs import coordinates
 from .owned import TP, Assignment, Marks, Owned, Partitions
@@ -86,6 +87,10 @@ class Assignments:
     def _live(self) -> float:
         return 3 * self._settings.heartbeat_interval
 
+    def _lane(self, topic: str, partition: int) -> str:
+        settings = self._settings
+        return lane_of(settings.group_id, settings.lanes, self._handlers[topic], topic, partition)
+
     # -- rebalance callbacks ----------------------------------------------------------------
 
     def on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -103,7 +108,7 @@ class Assignments:
             epochs = self._ledger.bump_epochs(
                 {k: (max(tp.offset, -1), e) for k, tp, e in zip(keys, committed, known, strict=True)}
             )
-            self._ledger.open_lanes({lane_name(group, tp.topic, tp.partition): tp.topic for tp in committed})
+            self._ledger.open_lanes({self._lane(tp.topic, tp.partition): tp.topic for tp in committed})
         except LedgerError as e:
             logger.error("%s; newly assigned partitions stay paused until the ledger answers", e)
             if isinstance(e, FatalError):
@@ -121,7 +126,7 @@ class Assignments:
                 partition=tp.partition,
                 handler=handler,
                 keys=pkeys,
-                lane=lane_name(group, tp.topic, tp.partition),
+                lane=self._lane(tp.topic, tp.partition),
                 window=handler.window or self._settings.window,
                 dead_letter_topic=handler.dead_letter_for(tp.topic),
                 stages=handler.ordering != "none" and pipelined(handler.actor.broker),

@@ -23,6 +23,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from . import lanes
 from .assignments import Assignments
 from .clock import Clock, Every, SystemClock
 from .commit import Committer
@@ -66,6 +67,7 @@ class Bridge:
         if not handlers:
             raise ConfigurationError("no Kafka handlers registered")
         self.settings, self.handlers = settings, dict(handlers)
+        lanes.check(settings.lanes, self.handlers.values())
         self.clock = clock or SystemClock()
         self.ledger = ledger or Ledger(connect(settings.redis_url))
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
