@@ -34,6 +34,7 @@ from .identity import new_token, process_id, worker_id
 from .metrics import count_failure, export_failures
 from .parking import Parking
 from .signs import Background, Signs
+from .waker import Waker
 
 logger = logging.getLogger("bridge.worker")
 
@@ -70,6 +71,7 @@ class LedgerMiddleware(Middleware):
         self._background: Background | None = None
         self.signs = Signs()
         self.handoff = Handoff(self.signs)
+        self.waker = Waker()
         self._refusals = Refusals()
         self.ledger_write_failures = 0
 
@@ -120,6 +122,7 @@ class LedgerMiddleware(Middleware):
     # -- lanes and heartbeats ---------------------------------------------------------------
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.waker.install(broker)  # before any lane is declared, so every lane consumer has it
         self.handoff.boot(broker, worker)
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(self._quiet_skips)
         export_failures()
@@ -134,6 +137,7 @@ class LedgerMiddleware(Middleware):
             # worker stops them.
             self._background.stop()
         self.handoff.stopping()
+        self.waker.close()
         if self._parking is not None:
             self._parking.close()
 
@@ -390,8 +394,6 @@ def install(broker: dramatiq.Broker, middleware: LedgerMiddleware | None = None)
         if isinstance(existing, LedgerMiddleware):
             return existing
     middleware = middleware or LedgerMiddleware()
-    if any(isinstance(m, Retries) for m in broker.middleware):
-        broker.add_middleware(middleware, before=Retries)
-    else:
-        broker.add_middleware(middleware)
+    retries = any(isinstance(m, Retries) for m in broker.middleware)
+    broker.add_middleware(middleware, **({"before": Retries} if retries else {}))
     return middleware
