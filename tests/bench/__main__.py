@@ -1,4 +1,4 @@
-"""``python -m tests.bench [--quick] [--json PATH] [--only NAMES] [--repeat N]``."""
+"""``python -m tests.bench [--quick] [--json PATH] [--only NAMES] [--repeat N] [--set NAME=VALUE ...]``."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from tests.bench.report import (
     target_table,
     write_json,
 )
-from tests.bench.scenarios import ALIASES, SCENARIOS, Bench, Out, resolve
+from tests.bench.scenarios import Bench, Out
 from tests.bench.services import Services
+from tests.bench.suite import ALIASES, SCENARIOS, resolve, run, targets
 from tests.support.bridge_proc import REPO
 
 METHOD = [
@@ -34,8 +35,10 @@ METHOD = [
     "Handler completion is counted in memory per worker process and flushed to Redis every 20 ms by a "
     "background thread (no per-record Redis write in throughput runs); the same counter runs in the stock "
     "baseline's actor.",
-    "First dispatch = first time a lane holds a message (LLEN polled every 10 ms), falling back to the first "
-    "handler start; committed offsets are read every 50 ms by a consumer that does not join the group.",
+    "First dispatch = first time one of the topic's lanes (those the bridge registered in kdb:lanes, whatever "
+    "their layout) holds a message (one Lua call summing LLEN, every 10 ms), falling back to the first handler "
+    "start; committed offsets are read every 50 ms (0.5 s above 64 partitions) by a consumer that does not join "
+    "the group.",
     "T1: workers stopped; BRIDGE_WINDOW = BRIDGE_MAX_IN_FLIGHT = backlog; queue lengths polled every 20 ms.",
     "T2 target row excludes bridge start-up (process start, imports, dead-letter topic check, group join); the "
     "-incl-startup row includes it. T7 is measured in the T2 runs.",
@@ -64,14 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small record counts, 1 repetition (smoke test)")
     parser.add_argument("--json", type=Path, default=REPO / ".cache" / "bench" / "results.json",
                         help="where to write the results (default .cache/bench/results.json)")
-    parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} "
-                        f"(aliases: {', '.join(f'{a}={s}' for a, s in ALIASES.items())})")
+    aliases = ", ".join(f"{alias}={'+'.join(names)}" for alias, names in ALIASES.items())
+    parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} (aliases: {aliases})")
     parser.add_argument("--repeat", type=int, help="repetitions of each comparison (default 3, quick 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one parameter (printed at the start), e.g. --set p1_partitions=64; "
+                        "a list takes comma-separated values: --set p2_orderings=none")
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
-
-    params = Params.create(args.quick, args.repeat)
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    try:
+        params = Params.create(args.quick, args.repeat, overrides)
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     names = resolve(args.only)
     out = Out()
     started = time.time()
@@ -94,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             out.line("machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()))
             load["start"] = _check_load(out)
             bench = Bench(services, params, out, watch)
-            bench.run(names)
+            run(bench, names)
             complete = True
             load["end"] = _check_load(out)
     except ServiceError as e:
@@ -109,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             if bridge_digest() != git["bridge_sources_sha256"]:
                 bench.notes.append("the bridge's sources changed on disk while the benchmark ran: runs may have "
                                    "measured different code")
-            targets = bench.targets()
+            rows = targets(bench)
             doc = document(
                 machine_info={**machine_info, "load": load}, params=params.as_dict(), scenarios=names,
-                measurements=bench.measurements, targets=targets, notes=METHOD + bench.notes,
+                measurements=bench.measurements, targets=rows, notes=METHOD + bench.notes,
                 failures=bench.failures, started=started, complete=complete,
             )
             write_json(args.json, doc)
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(measurement_table(bench.measurements))
             print()
-            print(target_table(targets))
+            print(target_table(rows))
             for note in bench.notes:
                 print(f"note: {note}")
             for failure in bench.failures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,7 +45,12 @@ class Params:
     lane_refresh_interval_s: float = 0.2
 
     @classmethod
-    def create(cls, quick: bool, repeat: int | None) -> Params:
+    def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
+        params = cls._defaults(quick, repeat)
+        return params.replace(overrides) if overrides else params
+
+    @classmethod
+    def _defaults(cls, quick: bool, repeat: int | None) -> Params:
         if not quick:
             return cls(mode="full", repeat=repeat or 3)
         return cls(
@@ -60,6 +66,23 @@ class Params:
             t6_records=100_000,
             t6_cap_s=10.0,
         )
+
+    def replace(self, overrides: dict[str, str]) -> Params:
+        """A copy with fields set from text (``--set name=value``; a tuple takes comma-separated values)."""
+        changes: dict[str, Any] = {}
+        for name, text in overrides.items():
+            if name not in self.__dataclass_fields__ or name == "mode":
+                raise ValueError(f"no parameter {name!r}; choose from {', '.join(self.__dataclass_fields__)}")
+            current = getattr(self, name)
+            try:
+                if isinstance(current, tuple):
+                    kind = type(current[0]) if current else str
+                    changes[name] = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+                else:
+                    changes[name] = type(current)(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r}: not a {type(current).__name__}") from None
+        return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

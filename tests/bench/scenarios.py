@@ -1,4 +1,4 @@
-"""The scenarios: raw consumer, stock dramatiq, naive loop and the bridge's targets T1-T7.
+"""The harness of every scenario, and the scenarios raw consumer, stock dramatiq, naive loop and T1-T7.
 
 Every run uses a fresh topic (6 partitions) and a fresh consumer group, starts its own workers
 and bridge, and leaves nothing behind: its processes are stopped, its topics deleted and Redis
@@ -9,20 +9,20 @@ machine; worker processes report theirs through :mod:`tests.bench.actors`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, Producer
 
-from bridge.keys import LANES_KEY, lane_name, status_key
+from bridge.keys import LANES_KEY, status_key
 from devstack import DramatiqWorkers, ServiceError
 from tests.bench.cpu import CpuWatch, by_component, cpu_ms_per_record
 from tests.bench.params import Params
@@ -41,11 +41,17 @@ from tests.support.bridge_proc import BridgeProcess
 
 TALLY_KEY = "bench:tally"
 LATENCY_KEY = "bench:latency"
+EVENTS_KEY = "bench:events"
 
-#: Scenario names for ``--only``, in the order they run; aliases name what a scenario includes.
-SCENARIOS = ("raw", "t1", "t2", "t3", "t4", "t5", "t6", "rabbitmq")
-ALIASES = {"naive": "t1", "stock": "t2", "t7": "t2"}
-
+#: Sum of the lengths of the dramatiq queues of every lane registered for a topic (ARGV[1]).
+_LANES_LENGTH = """
+local lanes = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #lanes, 2 do
+  if lanes[i + 1] == ARGV[1] then n = n + redis.call('LLEN', ARGV[2] .. lanes[i]) end
+end
+return n
+"""
 
 class Out:
     """Progress lines, prefixed with the time since the benchmark started."""
@@ -87,7 +93,8 @@ class Bench:
         self.measurements: dict[str, Measurement] = {}
         self.failures: list[str] = []
         self.notes: list[str] = []
-        self._plain_actor: Any = None
+        self._actors: Any = None
+        self._lanes_script: Any = None
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -118,20 +125,20 @@ class Bench:
             self.out.line(f"WARNING: {note}")
         return result
 
-    def topic(self, run: Run, prefix: str) -> str:
-        name = self.services.new_topic(prefix)
+    def topic(self, run: Run, prefix: str, partitions: int = PARTITIONS) -> str:
+        name = self.services.new_topic(prefix, partitions)
         run.topics.append(name)
         return name
 
-    def produce(self, run: Run, topic: str, count: int, **options: Any) -> dict[int, int]:
+    def produce(self, run: Run, topic: str, count: int, partitions: int = PARTITIONS, **options: Any) -> dict[int, int]:
         began = time.monotonic()
 
         def progress(done: int) -> None:
             if done % 200_000 == 0:
                 self.out.line(f"{run.label}: produced {done:,}/{count:,}")
 
-        self.services.produce(topic, count, progress=progress, **options)
-        ends = self.services.ends(topic)
+        self.services.produce(topic, count, progress=progress, partitions=partitions, **options)
+        ends = self.services.ends(topic, partitions)
         if sum(ends.values()) != count:
             raise RunFailed(f"{topic} holds {sum(ends.values())} records, expected {count}")
         self.out.line(f"{run.label}: backlog of {count:,} records in {time.monotonic() - began:.1f}s")
@@ -187,8 +194,8 @@ class Bench:
         for i in range(self.p.repeat):
             result = self.attempt(f"raw {i + 1}/{self.p.repeat}", self._raw_once)
             if result is not None:
-                _add(m, result, "rate")
-                _add(total, result, "rate_incl_join")
+                add_to(m, result, "rate")
+                add_to(total, result, "rate_incl_join")
 
     def _raw_once(self, run: Run) -> dict[str, Any]:
         n = self.p.raw_records
@@ -242,8 +249,8 @@ class Bench:
                     f"T1 {kind} {i + 1}/{self.p.repeat}", functools.partial(self._t1_once, kind=kind)
                 )
                 if result is not None:
-                    _add(m, result, "rate")
-                    _add(total, result, "rate_incl_startup")
+                    add_to(m, result, "rate")
+                    add_to(total, result, "rate_incl_startup")
 
     def _t1_once(self, run: Run, kind: str) -> dict[str, Any]:
         n = self.p.t1_backlog
@@ -252,16 +259,18 @@ class Bench:
         group = unique("t1")
         if kind == "bridge":
             env = self.env(group, topic, "none", BRIDGE_WINDOW=str(n), BRIDGE_MAX_IN_FLIGHT=str(n))
-            queues = [f"dramatiq:{lane_name(group, topic, p)}" for p in range(PARTITIONS)]
             t0 = time.time()
             with self.services.bridge(env, run.dir) as bridge:
-                t_first, t_done = self._wait_queued(run, queues, n, t0, lambda: _code(bridge), bridge.log_path)
+                t_first, t_done = self._wait_queued(
+                    run, lambda: self.dispatched(topic), n, t0, lambda: exit_code(bridge), bridge.log_path
+                )
         else:
             env = self.env(group)
-            queues = ["dramatiq:bench"]
             t0 = time.time()
             with self.services.naive(env, topic, group, run.dir) as proc:
-                t_first, t_done = self._wait_queued(run, queues, n, t0, proc.poll, run.dir / "naive.log")
+                t_first, t_done = self._wait_queued(
+                    run, lambda: self.queued(["dramatiq:bench"]), n, t0, proc.poll, run.dir / "naive.log"
+                )
         return {
             "records": n,
             "rate": n / (t_done - t_first),
@@ -271,15 +280,15 @@ class Bench:
         }
 
     def _wait_queued(
-        self, run: Run, queues: list[str], n: int, t0: float, returncode: Callable[[], int | None], log: Path
+        self, run: Run, queued: Callable[[], int], n: int, t0: float, returncode: Callable[[], int | None], log: Path
     ) -> tuple[float, float]:
-        """Wait until the queues hold ``n`` messages; returns (first message seen, all seen)."""
+        """Wait until ``queued()`` counts ``n`` messages; returns (first message seen, all seen)."""
         t_first: float | None = None
         timeout = 60 + n / 500
         next_progress, last = t0 + 2, (t0, 0)
         while True:
             now = time.time()
-            count = self.queued(queues)
+            count = queued()
             if count and t_first is None:
                 t_first = now
             if count >= n:
@@ -311,29 +320,37 @@ class Bench:
         lag = self.measurement(
             "t7-commit-lag", "T2 runs: last handler end -> committed == end on every partition, "
             f"in commit intervals ({self.p.commit_interval_s:g} s)", "intervals")
+        stock_span = self.measurement(
+            "stock-handlers", "stock dramatiq, the same runs: N / (first handler start -> last handler end)",
+            "records/s")
+        span = self.measurement(
+            "t2-bridge-handlers", "bridge, the same runs: N / (first handler start -> last handler end)", "records/s")
         for i in range(self.p.repeat):
             result = self.attempt(f"T2 stock {i + 1}/{self.p.repeat}", self._stock_once)
             if result is not None:
-                _add(stock, result, "rate")
+                add_to(stock, result, "rate")
+                add_to(stock_span, result, "rate_handlers")
             result = self.attempt(
                 f"T2 bridge {i + 1}/{self.p.repeat}",
-                lambda run: self._pipeline_once(run, "t2", n, ordering="none"),
+                lambda run: self.pipeline_once(run, "t2", n, ordering="none"),
             )
             if result is not None:
-                _add(excl, result, "rate")
-                _add(incl, result, "rate_incl_startup")
-                _add(handled, result, "rate_to_last_end")
-                _add(lag, result, "commit_lag_intervals")
+                add_to(excl, result, "rate")
+                add_to(incl, result, "rate_incl_startup")
+                add_to(handled, result, "rate_to_last_end")
+                add_to(lag, result, "commit_lag_intervals")
+                add_to(span, result, "rate_handlers")
 
-    def plain_actor(self) -> Any:
-        """``plain_noop`` of :mod:`tests.bench.actors`, bound to this invocation's Redis."""
-        if self._plain_actor is None:
+    def plain_actor(self, name: str = "plain_noop") -> Any:
+        """An actor of the stock baseline (``plain_noop``, ``plain_timed``) of :mod:`tests.bench.actors`,
+        bound to this invocation's Redis."""
+        if self._actors is None:
             os.environ["BRIDGE_REDIS_URL"] = self.services.redis_url
             os.environ.pop("KDB_BENCH_TOPIC", None)
             from tests.bench import actors
 
-            self._plain_actor = actors.plain_noop
-        return self._plain_actor
+            self._actors = actors
+        return getattr(self._actors, name)
 
     def _stock_once(self, run: Run) -> dict[str, Any]:
         n = self.p.t2_records
@@ -371,11 +388,12 @@ class Bench:
                     raise RunFailed(f"stock: {tally.count}/{n} processed")
             sender.join()
             cpu = cpu_ms_per_record(cpu_before, by_component(), n)
-        assert tally.last_end is not None
+        assert tally.last_end is not None and tally.first_start is not None
         return {
             "cpu_ms_per_record": cpu,
             "records": n,
             "rate": n / (tally.last_end - t0),
+            "rate_handlers": n / (tally.last_end - tally.first_start),
             "send_rate": n / (sent_at[0] - t0),
             "elapsed_s": tally.last_end - t0,
             "handled": tally.count,
@@ -383,7 +401,7 @@ class Bench:
 
     # -- the bridge end to end (T2, T3, T4, T6) -----------------------------------------------
 
-    def _pipeline_once(
+    def pipeline_once(
         self,
         run: Run,
         prefix: str,
@@ -395,27 +413,34 @@ class Bench:
         cap_s: float | None = None,
         memory: bool = False,
         extra_env: dict[str, str] | None = None,
+        partitions: int = PARTITIONS,
+        events: bool = False,
     ) -> dict[str, Any]:
         """Backlog of ``n`` records, workers running, then the bridge started; until committed == end.
 
         Records are spread evenly over the partitions; with ``keys``, key k always goes to
-        partition k % 6. ``cap_s`` stops the run that many seconds after the first dispatch.
+        partition k % ``partitions``. ``cap_s`` stops the run that many seconds after the first
+        dispatch. With ``events`` every handler run is recorded and checked: each record ran exactly
+        once, and in ``partition`` mode each partition's runs neither overlap nor leave offset order.
         """
-        topic = self.topic(run, prefix)
+        topic = self.topic(run, prefix, partitions)
         group = unique(prefix)
-        env = self.env(group, topic, ordering, sleep_ms, **(extra_env or {}))
+        extra = dict(extra_env or {})
+        if events:
+            extra["KDB_BENCH_EVENTS"] = EVENTS_KEY
+        env = self.env(group, topic, ordering, sleep_ms, **extra)
         with self.workers(run, env) as workers:
             if keys is None:
-                ends = self.produce(run, topic, n)
+                ends = self.produce(run, topic, n, partitions=partitions)
             else:
                 k = keys
                 ends = self.produce(
                     run, topic, n, key=lambda i: b"k%05d" % _key_id(i, k),
-                    partition=lambda i: _key_id(i, k) % PARTITIONS,
+                    partition=lambda i: _key_id(i, k) % partitions, partitions=partitions,
                 )
-            lanes = [f"dramatiq:{lane_name(group, topic, p)}" for p in range(PARTITIONS)]
             samples: list[dict[str, Any]] = []
-            with Committed(self.services.bootstrap, group, topic) as committed:
+            at_first: dict[str, float] = {}
+            with Committed(self.services.bootstrap, group, topic, partitions) as committed:
                 cpu_before = by_component()
                 t0 = time.time()
                 with self.services.bridge(env, run.dir) as bridge:
@@ -425,23 +450,30 @@ class Bench:
                     def sample(now: float, done: int) -> None:
                         samples.append(self._memory_sample(pid, group, now, done))
 
+                    def first_dispatch() -> None:
+                        at_first.update(by_component())
+
                     t_first, t_done, done = self._drain(
-                        run, n, ends, committed, lanes, bridge, workers, t0, cap_s=cap_s,
-                        sample=sample if memory else None,
+                        run, n, ends, committed, topic, bridge, workers, t0, cap_s=cap_s,
+                        sample=sample if memory else None, on_first=first_dispatch,
                     )
                     peak = vm_status(pid).get("VmHWM", 0)
-                    cpu = cpu_ms_per_record(cpu_before, by_component(), done)
+                    cpu_after = by_component()
+                    cpu = cpu_ms_per_record(cpu_before, cpu_after, done)
+                    cpu_steady = cpu_ms_per_record(at_first or cpu_before, cpu_after, done)
                     t_stop = time.time()
                     try:
                         code = bridge.stop(timeout=60)
                     except AssertionError as e:
                         raise RunFailed(f"the bridge did not stop: {e}") from None
                     stopped_s = time.time() - t_stop
-                final = committed.read()
+                final = committed.settled()
             tally = self.settled_tally(n if t_done is not None else 0)
         result: dict[str, Any] = {
             "cpu_ms_per_record": cpu,
+            "cpu_ms_per_record_from_first_dispatch": cpu_steady,
             "records": n,
+            "partitions": partitions,
             "bridge_exit_code": code,
             "bridge_stop_s": round(stopped_s, 3),
             "startup_s": t_first - t0,
@@ -455,17 +487,23 @@ class Bench:
                 raise RunFailed(f"committed == end, but the handlers report only {tally.count}/{n} runs")
             if tally.count > n:
                 self.notes.append(f"{run.label}: {tally.count - n} handler runs beyond {n} records (duplicates)")
-            assert tally.last_end is not None
+            if final != ends:
+                raise RunFailed(f"after the bridge stopped, committed != end on "
+                                f"{sum(1 for p, end in ends.items() if final.get(p) != end)} partitions")
+            assert tally.last_end is not None and tally.first_start is not None
             result.update({
                 "rate": n / (t_done - t_first),
                 "rate_incl_startup": n / (t_done - t0),
                 "rate_to_last_end": n / (tally.last_end - t_first),
-                "per_partition_rate": n / PARTITIONS / (tally.last_end - t_first),
-                "per_partition_rate_committed": n / PARTITIONS / (t_done - t_first),
+                "rate_handlers": n / (tally.last_end - tally.first_start),
+                "per_partition_rate": n / partitions / (tally.last_end - t_first),
+                "per_partition_rate_committed": n / partitions / (t_done - t_first),
                 "elapsed_s": t_done - t0,
                 "commit_lag_s": t_done - tally.last_end,
                 "commit_lag_intervals": (t_done - tally.last_end) / self.p.commit_interval_s,
             })
+            if events:
+                result.update(self.check_events(ends, ordering))
         else:
             result.update({"capped_after_s": t_stop - t_first, "committed_when_capped": done,
                            "rate": done / (t_stop - t_first)})
@@ -473,30 +511,83 @@ class Bench:
             result.update(self._memory_summary(samples, peak))
         return result
 
+    def check_events(self, ends: dict[int, int], ordering: str) -> dict[str, Any]:
+        """Every offset below the end ran exactly once; in ``partition`` mode, per partition, in order
+        and without overlap. Raises :class:`RunFailed` otherwise."""
+        runs: dict[int, list[tuple[float, float, int]]] = {}
+        for line in cast(list[str], self.services.redis.lrange(EVENTS_KEY, 0, -1)):
+            p, o, began, ended = line.split()
+            runs.setdefault(int(p), []).append((float(began), float(ended), int(o)))
+        checked = 0
+        for partition, end in ends.items():
+            seen = sorted(runs.pop(partition, []))
+            offsets = sorted(offset for _, _, offset in seen)
+            if offsets != list(range(end)):
+                missing = len(set(range(end)) - set(offsets))
+                raise RunFailed(f"partition {partition}: {len(offsets)} handler runs for {end} records "
+                                f"({missing} missing, {len(offsets) - len(set(offsets))} repeated)")
+            if ordering == "partition":
+                for (_, end_a, offset_a), (start_b, _, offset_b) in itertools.pairwise(seen):
+                    if offset_b < offset_a:
+                        raise RunFailed(f"partition {partition}: offset {offset_b} started after {offset_a}")
+                    if start_b < end_a:
+                        raise RunFailed(f"partition {partition}: offset {offset_b} started "
+                                        f"{end_a - start_b:.3f} ms before {offset_a} ended")
+            checked += len(seen)
+        if runs:
+            raise RunFailed(f"handler runs for partitions the topic does not have: {sorted(runs)[:5]}")
+        return {"events_checked": checked, "order_checked": ordering == "partition"}
+
+    def wait_lanes(self, topic: str, check: Callable[[], None], timeout: float = 60) -> None:
+        """Until the bridge has registered the lanes of ``topic`` (whatever their layout: it registers
+        them together), and the workers have had the time to look for them."""
+        deadline = time.monotonic() + timeout
+        while topic not in self.services.redis.hvals(LANES_KEY):
+            check()
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the bridge did not open lanes for {topic} within {timeout:g}s")
+            time.sleep(0.05)
+        time.sleep(self.p.lane_refresh_interval_s + 0.3)
+
+    def dispatched(self, topic: str) -> int:
+        """Messages waiting on the lanes the bridges registered for ``topic``, whatever their layout."""
+        if self._lanes_script is None:
+            self._lanes_script = self.services.redis.register_script(_LANES_LENGTH)
+        return int(self._lanes_script(keys=[LANES_KEY], args=[topic, "dramatiq:"]))
+
     def _drain(
         self,
         run: Run,
         n: int,
         ends: dict[int, int],
         committed: Committed,
-        lanes: list[str],
+        topic: str,
         bridge: BridgeProcess,
         workers: DramatiqWorkers,
         t0: float,
         *,
         cap_s: float | None,
         sample: Callable[[float, int], None] | None,
+        on_first: Callable[[], None] | None = None,
     ) -> tuple[float, float | None, int]:
-        """Wait for committed == end; returns (first dispatch, committed == end or None if capped, committed)."""
+        """Wait for committed == end; returns (first dispatch, committed == end or None if capped, committed).
+
+        The first dispatch is the first look that finds a message on one of the topic's lanes
+        (every 10 ms), or else the first handler start; ``on_first`` is called right then.
+        """
         t_first: float | None = None
-        timeout = 60 + n / 250
+        timeout = 60 + n / 250 + len(ends) * 0.3
+        # Reading many partitions' committed offsets costs the broker: less often then.
+        commit_poll = self.p.commit_poll_s if len(ends) <= 64 else 0.5
         next_commit = next_progress = next_sample = next_alive = 0.0
         last = (t0, 0)
         done = 0
         while True:
             now = time.time()
-            if t_first is None and self.queued(lanes):
+            if t_first is None and self.dispatched(topic):
                 t_first = now
+                if on_first is not None:
+                    on_first()
             if now >= next_commit:
                 offsets = committed.read()
                 done = sum(max(offsets.get(p, 0), 0) for p in ends)
@@ -505,7 +596,7 @@ class Bench:
                     if t_first is None:  # lanes were drained between two looks
                         t_first = self.tally().first_start or t_done
                     return t_first, t_done, done
-                next_commit = now + self.p.commit_poll_s
+                next_commit = now + commit_poll
             if sample is not None and t_first is not None and now >= next_sample:
                 sample(now, done)
                 next_sample = now + 1.0
@@ -515,7 +606,7 @@ class Bench:
                     self.out.line(f"{run.label}: committed {done:,}/{n:,} ({rate:,.0f}/s)")
                 next_progress, last = now + 2, (now, done)
             if now >= next_alive:
-                alive(f"{run.label}: the bridge", _code(bridge), bridge.log_path)
+                alive(f"{run.label}: the bridge", exit_code(bridge), bridge.log_path)
                 alive(f"{run.label}: dramatiq", workers.returncode, workers.log_path)
                 next_alive = now + 0.5
             if cap_s is not None and t_first is not None and now - t_first >= cap_s:
@@ -537,11 +628,11 @@ class Bench:
         for i in range(self.p.repeat):
             result = self.attempt(
                 f"T3 partition {i + 1}/{self.p.repeat}",
-                lambda run: self._pipeline_once(run, "t3", n, ordering="partition", sleep_ms=sleep),
+                lambda run: self.pipeline_once(run, "t3", n, ordering="partition", sleep_ms=sleep),
             )
             if result is not None:
-                _add(m, result, "per_partition_rate")
-                _add(committed, result, "per_partition_rate_committed")
+                add_to(m, result, "per_partition_rate")
+                add_to(committed, result, "per_partition_rate_committed")
 
     def t4(self) -> None:
         n, sleep, keys = self.p.t4_records, self.p.handler_sleep_ms, self.p.t4_keys
@@ -559,12 +650,12 @@ class Bench:
                 result = self.attempt(
                     f"T4 {ordering} {i + 1}/{self.p.repeat}",
                     functools.partial(
-                        self._pipeline_once, prefix="t4", n=n, ordering=ordering, sleep_ms=sleep, keys=keys
+                        self.pipeline_once, prefix="t4", n=n, ordering=ordering, sleep_ms=sleep, keys=keys
                     ),
                 )
                 if result is not None:
-                    _add(rows[ordering][0], result, "rate_to_last_end")
-                    _add(rows[ordering][1], result, "rate")
+                    add_to(rows[ordering][0], result, "rate_to_last_end")
+                    add_to(rows[ordering][1], result, "rate")
 
     # -- T5: latency ----------------------------------------------------------------------
 
@@ -583,33 +674,33 @@ class Bench:
                 "ms",
             )
             p99 = self.measurement(f"t5-{ordering}{broker}-p99", f"{ordering} mode{label}: the same, p99", "ms")
+            catch_up = self.measurement(
+                f"t5-{ordering}{broker}-catch-up", f"{ordering} mode{label}: the same runs, producer's end -> last "
+                "handler start (a pipeline that keeps up is done within about one latency)", "s")
             result = self.attempt(
-                f"T5 {ordering}{label}", functools.partial(self._latency_once, ordering=ordering, extra_env=extra_env)
+                f"T5 {ordering}{label}", functools.partial(self.latency_once, ordering=ordering, extra_env=extra_env)
             )
             if result is not None:
-                _add(p50, result, "p50_ms")
-                _add(p99, result, "p99_ms")
+                add_to(p50, result, "p50_ms")
+                add_to(p99, result, "p99_ms")
+                add_to(catch_up, result, "catch_up_s")
 
-    def _latency_once(self, run: Run, ordering: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    def latency_once(self, run: Run, ordering: str, extra_env: dict[str, str] | None = None,
+                      rate: float | None = None) -> dict[str, Any]:
+        """Records produced at ``rate`` (default ``t5_rate``) for ``t5_seconds``; produce -> handler start."""
+        rate = rate or self.p.t5_rate
         topic = self.topic(run, "t5")
         group = unique("t5")
-        env = self.env(group, topic, ordering, KDB_BENCH_LATENCY=LATENCY_KEY, **(extra_env or {}))
-        count = int(self.p.t5_rate * self.p.t5_seconds)
+        env = self.env(group, topic, ordering, 0, KDB_BENCH_LATENCY=LATENCY_KEY, **(extra_env or {}))
+        count = int(rate * self.p.t5_seconds)
         keys = self.p.t5_keys
         with self.workers(run, env) as workers, self.services.bridge(env, run.dir) as bridge:
-            lanes = {lane_name(group, topic, p) for p in range(PARTITIONS)}
-            deadline = time.monotonic() + 60
-            while not lanes <= set(self.services.redis.hkeys(LANES_KEY)):
-                alive(f"{run.label}: the bridge", _code(bridge), bridge.log_path)
-                if time.monotonic() > deadline:
-                    raise RunFailed("the bridge did not open its lanes within 60 s")
-                time.sleep(0.05)
-            time.sleep(0.5)  # the workers look for new lanes every 0.2 s
+            self.wait_lanes(topic, lambda: alive(f"{run.label}: the bridge", exit_code(bridge), bridge.log_path))
             producer = Producer({"bootstrap.servers": self.services.bootstrap, "linger.ms": 0})
             t_start = time.time()
             next_progress = t_start + 2
             for i in range(count):
-                delay = t_start + i / self.p.t5_rate - time.time()
+                delay = t_start + i / rate - time.time()
                 if delay > 0:
                     time.sleep(delay)
                 k = _key_id(i, keys)
@@ -619,7 +710,7 @@ class Bench:
                     got = self.services.redis.llen(LATENCY_KEY)
                     self.out.line(f"{run.label}: produced {i + 1:,}/{count:,}, handled {got:,}")
                     next_progress += 2
-                    alive(f"{run.label}: the bridge", _code(bridge), bridge.log_path)
+                    alive(f"{run.label}: the bridge", exit_code(bridge), bridge.log_path)
                     alive(f"{run.label}: dramatiq", workers.returncode, workers.log_path)
             t_produced = time.time()
             if producer.flush(30):
@@ -636,6 +727,16 @@ class Bench:
                 code = bridge.stop(timeout=60)
             except AssertionError as e:
                 raise RunFailed(f"the bridge did not stop: {e}") from None
+        result = self.latency_summary(run, count, t_start, t_produced, t_waited)
+        result["bridge_exit_code"] = code
+        return result
+
+    def latency_summary(
+        self, run: Run, count: int, t_start: float, t_produced: float, t_waited: float
+    ) -> dict[str, Any]:
+        """Percentiles of the samples in :data:`LATENCY_KEY` ("<sent ms> <latency ms>"), the first
+        ``t5_warmup_s`` after ``t_start`` left out; ``count`` were sent until ``t_produced``, and the
+        handlers were waited for until ``t_waited``."""
         samples = [line.split() for line in self.services.redis.lrange(LATENCY_KEY, 0, -1)]
         cutoff_ms = (t_start + self.p.t5_warmup_s) * 1000
         kept = sorted(float(lat) for ts, lat in samples if float(ts) >= cutoff_ms)
@@ -646,13 +747,17 @@ class Bench:
         ranked = sorted(kept + [floor_ms] * missing)
         if not ranked:
             raise RunFailed(f"no latency samples after the warm-up ({len(samples)} in all)")
+        last_start_ms = max((float(ts) + float(lat) for ts, lat in samples), default=t_start * 1000)
         result: dict[str, Any] = {
             "produced": count,
             "produce_rate": count / (t_produced - t_start),
             "handled": len(samples),
             "samples_after_warmup": len(kept),
             "unhandled_after_drain": missing,
-            "bridge_exit_code": code,
+            # How long after the producer's end the last record started: a pipeline that keeps up
+            # is done within about one latency; one that fell behind works off its backlog.
+            "catch_up_s": (t_waited if missing else last_start_ms / 1000) - t_produced,
+            "catch_up_is_lower_bound": missing > 0,
         }
         for p in (50, 90, 99):
             value = percentile(ranked, p)
@@ -661,8 +766,8 @@ class Bench:
         result["max_ms"] = ranked[-1]
         if missing:
             self.notes.append(
-                f"{run.label}: {missing:,}/{count:,} records unhandled {self.p.t5_drain_s:g} s after the producer "
-                f"stopped; they count as {floor_ms:,.0f} ms (a lower bound) in the percentiles"
+                f"{run.label}: {missing:,}/{count:,} records unhandled {t_waited - t_produced:.0f} s after the "
+                f"producer stopped; they count as {floor_ms:,.0f} ms (a lower bound) in the percentiles"
             )
         return result
 
@@ -677,11 +782,11 @@ class Bench:
         for i in range(self.p.repeat):
             result = self.attempt(
                 f"T3 partition, RabbitMQ {i + 1}/{self.p.repeat}",
-                lambda run: self._pipeline_once(run, "t3r", n, ordering="partition", sleep_ms=sleep,
+                lambda run: self.pipeline_once(run, "t3r", n, ordering="partition", sleep_ms=sleep,
                                                 extra_env=rabbit),
             )
             if result is not None:
-                _add(m, result, "per_partition_rate")
+                add_to(m, result, "per_partition_rate")
         # The quick mode is a smoke test of the scenario: one latency run is enough there.
         orderings = ("none", "key", "partition") if self.p.mode == "full" else ("partition",)
         self._latency_runs(orderings, "-rabbitmq", rabbit)
@@ -704,15 +809,15 @@ class Bench:
                                 "records/s")
         result = self.attempt(
             "T6 memory",
-            lambda run: self._pipeline_once(run, "t6", n, ordering="none", cap_s=self.p.t6_cap_s, memory=True,
+            lambda run: self.pipeline_once(run, "t6", n, ordering="none", cap_s=self.p.t6_cap_s, memory=True,
                                             extra_env={"BRIDGE_PROGRESS_INTERVAL": "1"}),
         )
         if result is not None:
-            _add(rss, result, "peak_rss_mb")
-            _add(per, result, "ledger_bytes_per_in_flight")
-            _add(peak_ledger, result, "ledger_peak_bytes")
-            _add(end, result, "ledger_end_bytes")
-            _add(rate, result, "rate")
+            add_to(rss, result, "peak_rss_mb")
+            add_to(per, result, "ledger_bytes_per_in_flight")
+            add_to(peak_ledger, result, "ledger_peak_bytes")
+            add_to(end, result, "ledger_end_bytes")
+            add_to(rate, result, "rate")
             if "capped_after_s" in result:
                 self.notes.append(
                     f"T6 stopped after {result['capped_after_s']:.0f}s with {result['committed_when_capped']:,}/{n:,} "
@@ -824,24 +929,20 @@ class Bench:
                                   m["t7-commit-lag"], at_most=2))
         return rows
 
-    # -- driver -----------------------------------------------------------------------------
 
-    def run(self, names: list[str]) -> None:
-        for name in names:
-            self.out.line(f"=== {name} ===")
-            getattr(self, name)()
-
-
+#: Result fields printed at the end of each run.
 _SHOWN = {"rate", "rate_incl_startup", "p50_ms", "p99_ms", "peak_rss_mb", "commit_lag_intervals",
           "per_partition_rate", "rate_to_last_end", "ledger_bytes_per_in_flight", "ledger_end_bytes",
-          "capped_after_s", "cpu_ms_per_record"}
+          "capped_after_s", "cpu_ms_per_record", "max_ms", "workers_cpu_percent", "redis_cpu_percent",
+          "bridge_cpu_percent", "redis_commands_per_s", "connection_errors", "consumer_restarts",
+          "bridge_redis_calls_per_s", "catch_up_s"}
 
 
-def _code(bridge: BridgeProcess) -> int | None:
+def exit_code(bridge: BridgeProcess) -> int | None:
     return None if bridge.proc is None else bridge.proc.poll()
 
 
-def _add(m: Measurement, result: dict[str, Any], key: str) -> None:
+def add_to(m: Measurement, result: dict[str, Any], key: str) -> None:
     """Append ``result[key]`` to ``m``, with the run's details (the T6 samples only once)."""
     value = result.get(key)
     if value is None:
@@ -856,19 +957,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
     return str(value)
-
-
-def resolve(only: str | None) -> list[str]:
-    """Scenario names to run, in their fixed order."""
-    if not only:
-        return list(SCENARIOS)
-    wanted = set()
-    for name in only.split(","):
-        name = name.strip().lower()
-        if not name:
-            continue
-        name = ALIASES.get(name, name)
-        if name not in SCENARIOS:
-            sys.exit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS + tuple(ALIASES))}")
-        wanted.add(name)
-    return [s for s in SCENARIOS if s in wanted]
