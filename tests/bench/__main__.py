@@ -49,6 +49,15 @@ METHOD = [
     "minus record timestamp; records produced in the first warm-up seconds are discarded. T5 and T6 run once.",
     "T6: BRIDGE_PROGRESS_INTERVAL=1 so that the status hash (in-flight count) is at most 1 s old; memory "
     "sampled every second; ledger = every kdb:* key, MEMORY USAGE ... SAMPLES 0.",
+    "P1: partition mode, default settings (workers look for lanes every 1 s), an empty topic and no traffic "
+    "(p1_records_per_partition records per partition go through first when set); the window starts once the "
+    "status hash shows every partition owned with nothing in flight, plus p1_settle_s. CPU from /proc per "
+    "component; redis-server also from INFO cpu (user + sys); commands from INFO commandstats deltas (INFO "
+    "itself left out); worker log lines with 'Too many connections', 'max number of clients reached' or "
+    "'encountered a connection error', and 'Restarting consumer', from worker start to the window's end. Then "
+    "MONITOR attributes each command to its client (client names set in the Redis URLs; commands inside Lua "
+    "scripts count as 'lua'). Baseline: the same workers without any handler (stock dramatiq, one queue), "
+    "idle over the same window.",
 ]
 
 

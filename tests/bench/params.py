@@ -43,6 +43,16 @@ class Params:
     #: How often committed offsets are read from Kafka.
     commit_poll_s: float = 0.05
     lane_refresh_interval_s: float = 0.2
+    #: P1: idle cost with this many partitions owned and handed over, measured over the window; then
+    #: MONITOR attributes every Redis command to its client for a while. The same with
+    #: ``p1_small_partitions`` is the reference of the Redis-calls check. No traffic, unless
+    #: ``p1_records_per_partition`` records per partition should go through before the window.
+    p1_partitions: int = 1024
+    p1_small_partitions: int = 6
+    p1_records_per_partition: int = 0
+    p1_window_s: float = 60.0
+    p1_settle_s: float = 5.0
+    p1_monitor_s: float = 10.0
 
     @classmethod
     def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
@@ -65,6 +75,8 @@ class Params:
             t5_drain_s=5.0,
             t6_records=100_000,
             t6_cap_s=10.0,
+            p1_window_s=10.0,
+            p1_monitor_s=3.0,
         )
 
     def replace(self, overrides: dict[str, str]) -> Params:

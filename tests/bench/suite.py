@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from tests.bench import idle
 from tests.bench.results import Target
 from tests.bench.scenarios import Bench
 
@@ -18,6 +19,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "t5": Bench.t5,
     "t6": Bench.t6,
     "rabbitmq": Bench.rabbitmq,
+    "p1": idle.p1,
 }
 SCENARIOS = tuple(RUNNERS)
 
@@ -37,7 +39,7 @@ def run(bench: Bench, names: list[str]) -> None:
 
 def targets(bench: Bench) -> list[Target]:
     """Every target row the measurements of this invocation allow."""
-    return bench.targets()
+    return [*bench.targets(), *idle.targets(bench)]
 
 
 def resolve(only: str | None) -> list[str]:
