@@ -58,6 +58,11 @@ METHOD = [
     "MONITOR attributes each command to its client (client names set in the Redis URLs; commands inside Lua "
     "scripts count as 'lua'). Baseline: the same workers without any handler (stock dramatiq, one queue), "
     "idle over the same window.",
+    "P2: T5's producer (linger.ms=0, CreateTime) sends one record per partition to warm the pipeline, then "
+    "each record after p2_silence_s without any; the stock baseline sends plain_timed(send time) to the idle "
+    "queue of the same workers the same way.",
+    "P3: T5's method at each rate of p3_rates; the stock baseline paces send() of plain_timed(send time) at the "
+    "same rate from one thread; per rate the stock run comes first.",
 ]
 
 

@@ -53,6 +53,13 @@ class Params:
     p1_window_s: float = 60.0
     p1_settle_s: float = 5.0
     p1_monitor_s: float = 10.0
+    #: P2: first record after silence; repetitions per run, the silence before each, the modes.
+    p2_repeats: int = 10
+    p2_silence_s: float = 10.0
+    p2_orderings: tuple[str, ...] = ("none", "key", "partition")
+    #: P3: paced producer (and paced stock send()) at each rate, for t5_seconds, every mode.
+    p3_rates: tuple[float, ...] = (200.0, 500.0)
+    p3_orderings: tuple[str, ...] = ("none", "key", "partition")
 
     @classmethod
     def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
@@ -77,6 +84,8 @@ class Params:
             t6_cap_s=10.0,
             p1_window_s=10.0,
             p1_monitor_s=3.0,
+            p2_repeats=3,
+            p2_orderings=("none", "partition"),
         )
 
     def replace(self, overrides: dict[str, str]) -> Params:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from tests.bench import idle
+from tests.bench import idle, latency
 from tests.bench.results import Target
 from tests.bench.scenarios import Bench
 
@@ -20,6 +20,8 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "t6": Bench.t6,
     "rabbitmq": Bench.rabbitmq,
     "p1": idle.p1,
+    "p2": latency.p2,
+    "p3": latency.p3,
 }
 SCENARIOS = tuple(RUNNERS)
 
@@ -39,7 +41,7 @@ def run(bench: Bench, names: list[str]) -> None:
 
 def targets(bench: Bench) -> list[Target]:
     """Every target row the measurements of this invocation allow."""
-    return [*bench.targets(), *idle.targets(bench)]
+    return [*bench.targets(), *idle.targets(bench), *latency.targets(bench)]
 
 
 def resolve(only: str | None) -> list[str]:
