@@ -63,6 +63,12 @@ METHOD = [
     "queue of the same workers the same way.",
     "P3: T5's method at each rate of p3_rates; the stock baseline paces send() of plain_timed(send time) at the "
     "same rate from one thread; per rate the stock run comes first.",
+    "P4: CPU per record from /proc. Bridge: from the first dispatch to committed == end. Stock: worker processes "
+    "SIGSTOPped while the messages are sent, SIGCONTed after; from the first send to the last handler end.",
+    "P5 = T2's comparison, also as first handler start -> last handler end on both sides. P6 = T3, T3 on "
+    "RabbitMQ, and RabbitMQ partition mode at 500 records/s: producer's end -> last handler start <= 1 s.",
+    "P7: partition mode, no-op; each worker process records every handler run in memory and writes them in "
+    "batches; checked: each record exactly once, per partition in offset order without overlap.",
 ]
 
 

@@ -60,6 +60,11 @@ class Params:
     #: P3: paced producer (and paced stock send()) at each rate, for t5_seconds, every mode.
     p3_rates: tuple[float, ...] = (200.0, 500.0)
     p3_orderings: tuple[str, ...] = ("none", "key", "partition")
+    #: P4: CPU per record over a backlog, none mode, against stock dramatiq draining as many.
+    p4_records: int = 50_000
+    #: P7: partition mode over many partitions against 6 partitions, same record count.
+    p7_partitions: int = 1024
+    p7_records: int = 20_000
 
     @classmethod
     def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
@@ -86,6 +91,8 @@ class Params:
             p1_monitor_s=3.0,
             p2_repeats=3,
             p2_orderings=("none", "partition"),
+            p4_records=5_000,
+            p7_records=2_000,
         )
 
     def replace(self, overrides: dict[str, str]) -> Params:
