@@ -21,7 +21,14 @@ from .record import _current, is_envelope, open_envelope, take_prepared
 from .registry import DEAD_LETTER_SUFFIX, Handler, Hook, MessageFormat, OffsetReset, Ordering, registry
 from .worker import install
 
-__all__ = ["DEAD_LETTER_SUFFIX", "Handler", "kafka_handler", "on_partitions_assigned", "on_partitions_revoked"]
+__all__ = [
+    "DEAD_LETTER_SUFFIX",
+    "Handler",
+    "handler_of",
+    "kafka_handler",
+    "on_partitions_assigned",
+    "on_partitions_revoked",
+]
 
 ActorT = TypeVar("ActorT", bound=dramatiq.Actor[Any, Any])
 
@@ -134,7 +141,15 @@ def _wrap(actor: dramatiq.Actor[Any, Any], handler: Handler) -> None:
         finally:
             _current.reset(token)
 
+    run.kafka_handler = handler  # type: ignore[attr-defined]
     actor.fn = run
+
+
+def handler_of(actor: dramatiq.Actor[Any, Any]) -> Handler | None:
+    """The handler ``@kafka_handler`` made of ``actor``, or ``None``. Read from the actor itself, so
+    it holds even after the process's registry was cleared (test suites do that between tests)."""
+    found = getattr(actor.fn, "kafka_handler", None)
+    return found if isinstance(found, Handler) else None
 
 
 def on_partitions_assigned(hook: Hook) -> Hook:

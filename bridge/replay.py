@@ -308,7 +308,11 @@ class _Replay:
                 )
         finally:
             try:
-                if self.producer is not None:
-                    self.producer.close()
+                # Producer.close() is newer than our floor (2.12); older clients free the handle
+                # when the last reference goes, after the flush above.
+                close = getattr(self.producer, "close", None)
+                self.producer = None
+                if close is not None:
+                    close()
             finally:
                 self.consumer.close()

@@ -2,10 +2,11 @@
 
 from .client import Ledger, LedgerError
 from .connection import connect
-from .facts import Beats, Finished, Handover, Progress, Stale, StartResult, Try
+from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
 
 __all__ = [
     "Beats",
+    "End",
     "Finished",
     "Handover",
     "Ledger",

@@ -6,17 +6,14 @@ committed offset). Every write is idempotent: the same offset may finish twice. 
 the assignment that produced them; starts are fenced by the partition's epoch, and a failure of an
 older epoch never releases a record of a newer one.
 
-The Lua scripts live in ``lua/`` beside this module; each is ``common.lua`` followed by its own body, and every
+The Lua scripts live in ``lua/`` beside this module (loaded by :mod:`bridge.ledger.scripts`); every
 liveness decision in them reads the Redis clock (``TIME``), never a client's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import resources
 from typing import Any, Literal, cast
 
 import redis
@@ -24,43 +21,13 @@ import redis
 from ..errors import LedgerAccessDenied, LedgerUnavailable
 from ..keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
 from ..protocol import failure_json
-from .connection import failure as _refused_or_down
+from .batches import many_calls, pairs
 from .connection import safe_url
-from .facts import START_CODES, Beats, Finished, Handover, Progress, Stale, StartResult, Try
-
-
-def _script(name: str, *, common: bool = True) -> str:
-    lua = resources.files("bridge.ledger").joinpath("lua")
-    prelude = lua.joinpath("common.lua").read_text() + "\n" if common else ""
-    return prelude + lua.joinpath(f"{name}.lua").read_text()
-
-
-_SCRIPTS = ("start", "finish", "stage", "beat", "stale", "handover", "bump", "fail", "prune")
+from .facts import START_CODES, Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
+from .scripts import SCRIPTS, failure, script
 
 #: What a ledger call raises: an outage (retried) or a refused permission (fatal for the bridge).
 LedgerError = (LedgerUnavailable, LedgerAccessDenied)
-
-#: Every script's source by its SHA1, to name the command a refused script needed.
-_SOURCES = {
-    hashlib.sha1(source.encode()).hexdigest(): source
-    for source in [*(_script(name) for name in _SCRIPTS), _script("lanes_seen", common=False),
-                   _script("lanes_expired", common=False)]
-}
-_SCRIPT_LINE = re.compile(r"script: (?P<sha>[0-9a-f]{40}), on @user_script:(?P<line>\d+)")
-_CALL = re.compile(r"redis\.call\('(?P<command>[A-Z]+)'")
-
-
-def failure(what: str, error: redis.RedisError) -> LedgerUnavailable | LedgerAccessDenied:
-    """Translate ``error``; a refusal inside a script names the command on the refused line."""
-    hint = ""
-    found = _SCRIPT_LINE.search(str(error))
-    if found and (source := _SOURCES.get(found["sha"])):
-        lines = source.splitlines()
-        number = int(found["line"])
-        call = _CALL.search(lines[number - 1]) if 0 < number <= len(lines) else None
-        if call:
-            hint = f" (a script needs the {call['command'].lower()} command)"
-    return _refused_or_down(what, error, hint)
 
 
 class Ledger:
@@ -68,12 +35,30 @@ class Ledger:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
-        self._seen_lanes = client.register_script(_script("lanes_seen", common=False))
-        self._expired_lanes = client.register_script(_script("lanes_expired", common=False))
+        self._scripts = {name: client.register_script(script(name)) for name in SCRIPTS}
+        self._seen_lanes = client.register_script(script("lanes_seen", common=False))
+        self._expired_lanes = client.register_script(script("lanes_expired", common=False))
 
-    def _run(self, name: str, keys: PartitionKeys, args: Sequence[Any], client: Any = None) -> Any:
-        return self._scripts[name](keys=keys.script_keys, args=list(args), client=client)
+    def _run(self, name: str, keys: PartitionKeys, args: Sequence[Any]) -> Any:
+        return self._scripts[name](keys=keys.script_keys, args=list(args))
+
+    def _batch(self, calls: Sequence[tuple[str, PartitionKeys, Sequence[Any]]]) -> list[Any]:
+        """Run scripts in one pipeline. EVALSHA straight away: redis-py would first ask SCRIPT
+        EXISTS, a round trip of its own. After Redis lost its script cache (a restart) they are
+        loaded and run again; every script is idempotent or harmless to repeat."""
+        for attempt in (1, 2):
+            with self.client.pipeline(transaction=False) as pipe:
+                for name, keys, args in calls:
+                    key_names = keys.script_keys
+                    pipe.evalsha(self._scripts[name].sha, len(key_names), *key_names, *args)
+                try:
+                    return list(pipe.execute())
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    for loaded in self._scripts.values():
+                        self.client.script_load(loaded.script)
+        raise AssertionError("unreachable")
 
     # -- worker side ------------------------------------------------------------------------
 
@@ -130,17 +115,45 @@ class Ledger:
             retries=int(reply[3]) if len(reply) > 3 else 0,
         )
 
+    def start_and_finish_many(
+        self,
+        starts: Mapping[PartitionKeys, Sequence[tuple[Try, str]]],
+        ends: Mapping[PartitionKeys, Sequence[End]],
+        worker: str,
+        live: float = 15.0,
+    ) -> dict[PartitionKeys, list[tuple[StartResult, int]]]:
+        """Starts without a predecessor ((copy, worker) each, as :meth:`start`) and ends without a
+        successor (``none`` mode) in one round trip; returns each start's verdict and retry count."""
+        calls: list[tuple[str, PartitionKeys, Sequence[Any]]] = []
+        asked: list[tuple[PartitionKeys, int]] = []
+        for keys in {**ends, **starts}:
+            for args, n in many_calls(keys, ends.get(keys, ()), starts.get(keys, ()), worker, live):
+                calls.append(("many", keys, args))
+                asked.append((keys, n))
+        if not calls:
+            return {}
+        try:
+            answers = self._batch(calls)
+        except redis.RedisError as e:
+            raise failure("recording started and finished records", e) from e
+        verdicts: dict[PartitionKeys, list[tuple[StartResult, int]]] = {}
+        for (keys, n), answer in zip(asked, answers, strict=True):
+            if n:
+                verdicts.setdefault(keys, []).extend(
+                    (START_CODES[int(answer[i])], int(answer[i + 1])) for i in range(0, len(answer), 2)
+                )
+        return verdicts
+
     def beat(self, beats: Mapping[PartitionKeys, Beats]) -> None:
         """Signs of life of the records running or parked in this process, one round trip."""
+        calls = []
+        for keys, found in beats.items():
+            args: list[Any] = [len(found.running)]
+            for offset, token, entry in found.running:
+                args += [offset, token, entry]
+            calls.append(("beat", keys, [*args, *found.parked]))
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, found in beats.items():
-                    args: list[Any] = [len(found.running)]
-                    for offset, token, entry in found.running:
-                        args += [offset, token, entry]
-                    args += found.parked
-                    self._run("beat", keys, args, client=pipe)
-                pipe.execute()
+            self._batch(calls)
         except redis.RedisError as e:
             raise failure("heartbeat", e) from e
 
@@ -181,10 +194,7 @@ class Ledger:
         last epoch this bridge knew for it or 0). Older messages are fenced, and the committed
         offset becomes the floor of done records."""
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, (committed, known) in partitions.items():
-                    self._run("bump", keys, [committed, known], client=pipe)
-                return [int(v) for v in pipe.execute()]
+            return [int(v) for v in self._batch([("bump", k, [c, known]) for k, (c, known) in partitions.items()])]
         except redis.RedisError as e:
             raise failure("bumping epochs", e) from e
 
@@ -223,10 +233,7 @@ class Ledger:
         if not items:
             return {}
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, (epoch, start) in items:
-                    self._run("handover", keys, [epoch, int(live * 1000), max(start, 0)], client=pipe)
-                replies = pipe.execute()
+            replies = self._batch([("handover", k, [e, int(live * 1000), max(start, 0)]) for k, (e, start) in items])
         except redis.RedisError as e:
             raise failure("reading the ledger for newly assigned partitions", e) from e
         result = {}
@@ -234,7 +241,7 @@ class Ledger:
             result[keys] = Handover(
                 running=sorted(int(o) for o in running),
                 done={int(o) for o in done},
-                failed=_pairs(failed),
+                failed=pairs(failed),
             )
         return result
 
@@ -246,17 +253,14 @@ class Ledger:
         if not items:
             return {}
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, offsets in items:
-                    self._run("stale", keys, [int(timeout * 1000), *offsets], client=pipe)
-                replies = pipe.execute()
+            replies = self._batch([("stale", keys, [int(timeout * 1000), *offsets]) for keys, offsets in items])
         except redis.RedisError as e:
             raise failure("checking records without progress", e) from e
         result = {}
         for (keys, _), (done, failed, again) in zip(items, replies, strict=True):
             numbers = [int(v) for v in again]
             result[keys] = Stale(
-                Progress([int(o) for o in done], _pairs(failed)),
+                Progress([int(o) for o in done], pairs(failed)),
                 dict(zip(numbers[::2], numbers[1::2], strict=True)),
             )
         return result
@@ -266,13 +270,13 @@ class Ledger:
         items = [(keys, found) for keys, found in failures.items() if found]
         if not items:
             return
+        calls = [
+            ("fail", keys, [offset, epoch, failure_json(epoch, detail), keys.finished_channel])
+            for keys, found in items
+            for offset, epoch, detail in found
+        ]
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, found in items:
-                    for offset, epoch, detail in found:
-                        args = [offset, epoch, failure_json(epoch, detail), keys.finished_channel]
-                        self._run("fail", keys, args, client=pipe)
-                pipe.execute()
+            self._batch(calls)
         except redis.RedisError as e:
             raise failure("recording failures", e) from e
 
@@ -288,13 +292,12 @@ class Ledger:
         items = [(keys, pairs) for keys, pairs in staged.items() if pairs]
         if not items:
             return {}
+        calls = [
+            ("stage", keys, [epochs[keys], int(live * 1000), *(v for prev, value in pairs for v in (prev, value))])
+            for keys, pairs in items
+        ]
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, pairs in items:
-                    args: list[Any] = [epochs[keys], int(live * 1000)]
-                    args += [v for prev, value in pairs for v in (prev, value)]
-                    self._run("stage", keys, args, client=pipe)
-                replies = pipe.execute()
+            replies = self._batch(calls)
         except redis.RedisError as e:
             raise failure("staging records", e) from e
         return {keys: [int(i) - 1 for i in late] for (keys, _), late in zip(items, replies, strict=True)}
@@ -370,10 +373,7 @@ class Ledger:
         if not committed:
             return
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys, offset in committed.items():
-                    self._run("prune", keys, [offset], client=pipe)
-                pipe.execute()
+            self._batch([("prune", keys, [offset]) for keys, offset in committed.items()])
         except redis.RedisError as e:
             raise failure("pruning ledger", e) from e
 
@@ -394,5 +394,4 @@ class Ledger:
             raise failure("publishing status", e) from e
 
 
-def _pairs(flat: Sequence[Any]) -> dict[int, dict[str, Any]]:
-    return {int(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+

@@ -81,3 +81,14 @@ class Beats:
     parked: list[int] = field(default_factory=list)
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The end of one try, as a worker reports it: ``done``, ``failed`` (final, with its detail) or
+    ``retry`` (dramatiq holds the next try for ``delay_ms``)."""
+
+    copy: Try
+    outcome: Literal["done", "failed", "retry"]
+    detail: dict[str, Any] = field(default_factory=dict)
+    delay_ms: int = 0

@@ -23,7 +23,11 @@ try:  # dramatiq 2.x: the work queue's item type (dramatiq 1.x queues (priority,
 except ImportError:  # pragma: no cover - dramatiq 1.x
     _WorkQueueItem = None  # type: ignore[assignment,misc]
 
-from ..protocol import OPTION, ProtocolError, meta_of
+from ..keys import PartitionKeys
+from ..ledger import StartResult
+from ..logs import coordinates
+from ..protocol import OPTION, Meta, ProtocolError, meta_of
+from .signs import Signs
 
 logger = logging.getLogger("bridge.worker")
 
@@ -47,7 +51,8 @@ def retries_of(message: Any) -> int:
 class Handoff:
     """Where a record runs again. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, signs: Signs) -> None:
+        self._signs = signs
         self._lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
         self._broker: dramatiq.Broker | None = None
@@ -107,6 +112,32 @@ class Handoff:
         queue.put(_WorkQueueItem(_FIRST, proxy) if _WorkQueueItem is not None else (_FIRST, proxy))
         return True
 
+    def unpark(self, message: Any) -> None:
+        """A parked record's predecessor finished (or its recheck is due): run it again."""
+        self._forget_parked(message)
+        self.run_again(message)
+
+    def hand_over(self, successor: Any, verdict: StartResult | None, token: str, retries: int) -> None:
+        """Run the successor whose start a finish decided, or drop it if it must not run."""
+        if verdict == "run":
+            if retries > retries_of(successor):
+                successor.options["retries"] = retries
+            self._forget_parked(successor)
+            self.run_again(successor, token=token)
+        elif verdict in ("wait", "duplicate"):
+            self.unpark(successor)
+        elif verdict is not None:
+            found = _meta(successor)
+            if found is not None:
+                self._forget_parked(successor)
+                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch,
+                            extra=coordinates(found.topic, found.partition, found.offset))
+
+    def _forget_parked(self, message: Any) -> None:
+        found = _meta(message)
+        if found is not None:
+            self._signs.unparked((PartitionKeys(found.group, found.topic, found.partition), found.offset))
+
     def requeue(self, message: Any, *, token: str | None = None) -> None:
         """Put a record back on its lane; ``token`` names the start recorded for it already."""
         copy = plain(message)
@@ -132,3 +163,10 @@ class Handoff:
         for message, approved in waiting:
             self.requeue(message, token=approved[0] if approved else None)
         return len(waiting)
+
+
+def _meta(message: Any) -> Meta | None:
+    try:
+        return meta_of(message)
+    except ProtocolError:
+        return None

@@ -13,10 +13,7 @@ records whose completion never reaches the ledger.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
-import uuid
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -25,13 +22,15 @@ from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware, Retries, SkipMessage
 
 from ..keys import PartitionKeys
-from ..ledger import Finished, Ledger, LedgerError, StartResult, Try, connect
+from ..ledger import End, Finished, Ledger, LedgerError, StartResult, Try, connect
 from ..logs import coordinates
-from ..protocol import OPTION, Meta, ProtocolError, UnknownVersion, meta_of, registration_json
+from ..protocol import OPTION, Meta, ProtocolError, UnknownVersion, meta_of
 from ..registry import Registry, registry
 from ..settings import WorkerSettings
 from .admission import Refusals, decode
+from .batcher import Batcher
 from .handoff import Handoff, retries_of
+from .identity import new_token, process_id, worker_id
 from .metrics import count_failure, export_failures
 from .parking import Parking
 from .signs import Background, Signs
@@ -66,9 +65,11 @@ class LedgerMiddleware(Middleware):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._parking: Parking | None = None
+        self._batcher: Batcher | None = None
+        self._depth: int | None = None
         self._background: Background | None = None
-        self.handoff = Handoff()
         self.signs = Signs()
+        self.handoff = Handoff(self.signs)
         self._refusals = Refusals()
         self.ledger_write_failures = 0
 
@@ -93,11 +94,27 @@ class LedgerMiddleware(Middleware):
         return 3 * self.settings.heartbeat_interval
 
     @property
+    def _max_json_depth(self) -> int:
+        depth = self._depth
+        if depth is None:
+            depth = self._depth = self.settings.max_json_depth
+        return depth
+
+    @property
+    def batcher(self) -> Batcher:
+        """Writes starts without a predecessor and ends without a successor in batches."""
+        ledger, live = self.ledger, self.live
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = Batcher(ledger, process_id(), live, self._failed)
+            return self._batcher
+
+    @property
     def parking(self) -> Parking:
         ledger, recheck = self.ledger, self.settings.park_recheck_interval
         with self._lock:
             if self._parking is None:
-                self._parking = Parking(ledger.client, self._unpark, recheck)
+                self._parking = Parking(ledger.client, self.handoff.unpark, recheck)
             return self._parking
 
     # -- lanes and heartbeats ---------------------------------------------------------------
@@ -121,6 +138,8 @@ class LedgerMiddleware(Middleware):
             self._parking.close()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         waiting = self.handoff.release_all()
         if self._parking is not None:
             for message in self._parking.take_all():
@@ -156,7 +175,9 @@ class LedgerMiddleware(Middleware):
         return SkipMessage(reason)
 
     def _admit(self, message: Any) -> None:
-        self._local.ours = self._local.copy = self._local.delay = None
+        local = self._local
+        local.ours = local.copy = local.delay = local.meta = None
+        local.unordered = False
         approved = self.handoff.take(message.message_id)
         try:
             meta = meta_of(message)
@@ -169,12 +190,13 @@ class LedgerMiddleware(Middleware):
         if meta is None:
             return
         keys, retries = _keys(meta), retries_of(message)
+        handler = self._handlers.for_actor(message.actor_name)
         if approved is not None:
             # The finish of its predecessor recorded its start a moment ago, in this process.
             token, known = approved
             verdict: StartResult = "run"
         else:
-            token = meta.token or _new_token()
+            token = meta.token or new_token()
             verdict, known = self._start(meta, token, retries)
         if verdict == "wait":
             # Parked: the thread takes other work, the record runs once its predecessor finished.
@@ -198,39 +220,30 @@ class LedgerMiddleware(Middleware):
         if known > retries:
             # It takes over from a copy that was retried or died: dramatiq's count goes on.
             message.options["retries"] = retries = known
-        self._local.copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
-        self.signs.running((keys, meta.offset), token,
-                           registration_json(meta.epoch, meta.attempt, retries, token, _worker_id()))
-        handler = self._handlers.for_actor(message.actor_name)
+        local.copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        local.meta = meta
+        # No order to keep: its end goes with a batch.
+        local.unordered = handler is not None and handler.ordering == "none" and meta.prev < 0
+        self.signs.running((keys, meta.offset), token, (meta.epoch, meta.attempt, retries, token, worker_id()))
         if handler is not None:
-            decode(message, meta, handler, self.settings.max_json_depth)
+            decode(message, meta, handler, self._max_json_depth)
 
     def _start(self, meta: Meta, token: str, retries: int) -> tuple[StartResult, int]:
         """Ask the ledger whether this copy may start, listening for its predecessor's end first."""
         keys = _keys(meta)
         copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
         if meta.prev < 0:
-            return self.ledger.start(keys, copy, _worker_id(), live=self.live)
+            return self.batcher.start(keys, copy, worker_id())
         channel, parking = keys.finished_channel, self.parking
         parking.expect(channel, meta.prev)
         try:
-            verdict, known = self.ledger.start(keys, copy, _worker_id(), meta.prev, live=self.live)
+            verdict, known = self.ledger.start(keys, copy, worker_id(), meta.prev, live=self.live)
         except BaseException:
             parking.forget(channel, meta.prev)
             raise
         if verdict != "wait":
             parking.forget(channel, meta.prev)
         return verdict, known
-
-    def _unpark(self, message: Any) -> None:
-        """A parked record's predecessor finished (or its recheck is due): run it again."""
-        try:
-            meta = meta_of(message)
-        except ProtocolError:
-            meta = None
-        if meta is not None:
-            self.signs.unparked((_keys(meta), meta.offset))
-        self.handoff.run_again(message)
 
     # -- ending a record --------------------------------------------------------------------
 
@@ -244,8 +257,17 @@ class LedgerMiddleware(Middleware):
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         self.handoff.take(message.message_id)
-        copy, self._local.copy = getattr(self._local, "copy", None), None
+        local = self._local
+        copy, local.copy = getattr(local, "copy", None), None
         if copy is None:
+            return
+        if exception is None and local.unordered:
+            # The common case, kept short: an unordered record done, its end written in a batch.
+            local.unordered = False
+            meta = local.meta
+            keys = PartitionKeys(meta.group, meta.topic, meta.partition)
+            self.signs.finished((keys, meta.offset), copy.token)
+            self.batcher.finish(keys, End(copy, "done"))
             return
         if exception is None:
             self._finish(message, "done", copy=copy)
@@ -302,6 +324,7 @@ class LedgerMiddleware(Middleware):
             # Retries has counted this try already: a retry registers the next try's count.
             copy = replace(copy, retries=retries_of(message))
         detail: dict[str, Any] = {}
+        unordered, self._local.unordered = getattr(self._local, "unordered", False), False
         if outcome == "failed":
             error = message.options.get("kdb_error")
             if error is None and exception is not None:
@@ -311,6 +334,9 @@ class LedgerMiddleware(Middleware):
                 "attempts": int(message.options.get("retries", 0)) or 1,
                 "actor": message.actor_name,
             }
+        if unordered:
+            self.batcher.finish(keys, End(copy, outcome, detail, delay_ms))
+            return
         channel = keys.finished_channel
         # A successor parked in this process is started by the same round trip.
         claimed = self.parking.claim(channel, offset) if outcome != "retry" and self._parking else []
@@ -319,12 +345,12 @@ class LedgerMiddleware(Middleware):
         if successor is not None:
             found = meta_of(successor)
             assert found is not None
-            parked = Try(found.offset, found.epoch, found.attempt, retries_of(successor), _new_token())
-        staged_token = _new_token()
+            parked = Try(found.offset, found.epoch, found.attempt, retries_of(successor), new_token())
+        staged_token = new_token()
         finished: Finished | None
         try:
             finished = self.ledger.finish(
-                keys, copy, outcome, detail=detail, delay_ms=delay_ms, worker=_worker_id(),
+                keys, copy, outcome, detail=detail, delay_ms=delay_ms, worker=worker_id(),
                 handoff=self.handoff.in_worker, successor_token=staged_token, parked=parked, live=self.live,
             )
         except _LEDGER_ERRORS as e:
@@ -334,35 +360,15 @@ class LedgerMiddleware(Middleware):
             finished = None
         for waiting in claimed:
             if waiting is not successor or finished is None:
-                self._unpark(waiting)
+                self.handoff.unpark(waiting)
         if finished is not None:
             if successor is not None and parked is not None:
-                self._hand_over(successor, finished.parked, parked.token, finished.retries)
+                self.handoff.hand_over(successor, finished.parked, parked.token, finished.retries)
             if finished.body is not None:
                 staged = MessageProxy(dramatiq.Message.decode(finished.body))
-                self._hand_over(staged, finished.staged, staged_token, finished.retries)
+                self.handoff.hand_over(staged, finished.staged, staged_token, finished.retries)
         if outcome != "retry":
             self.parking.announce(channel, offset)
-
-    def _hand_over(self, successor: Any, verdict: StartResult | None, token: str, retries: int) -> None:
-        """Run the successor whose start a finish decided, or drop it if it must not run."""
-        if verdict == "run":
-            if retries > retries_of(successor):
-                successor.options["retries"] = retries
-            self._forget_parked(successor)
-            self.handoff.run_again(successor, token=token)
-        elif verdict in ("wait", "duplicate"):
-            self._unpark(successor)
-        elif verdict is not None:
-            found = meta_of(successor)
-            if found is not None:
-                self._forget_parked(successor)
-                logger.info("not running %s: %s (epoch %d)", found.where, verdict, found.epoch, extra=_extra(found))
-
-    def _forget_parked(self, message: Any) -> None:
-        found = meta_of(message)
-        if found is not None:
-            self.signs.unparked((_keys(found), found.offset))
 
 
 def _prev_of(message: Any) -> int | None:
@@ -375,14 +381,6 @@ def _prev_of(message: Any) -> int | None:
 
 def _extra(meta: Meta) -> dict[str, Any]:
     return coordinates(meta.topic, meta.partition, meta.offset)
-
-
-def _new_token() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 def install(broker: dramatiq.Broker, middleware: LedgerMiddleware | None = None) -> LedgerMiddleware:

@@ -12,11 +12,14 @@ import dramatiq
 
 from ..keys import PartitionKeys
 from ..ledger import Beats, Ledger, LedgerError
+from ..protocol import registration_json
 from ..registry import Registry
 
 logger = logging.getLogger("bridge.worker")
 
 Slot = tuple[PartitionKeys, int]
+#: A running copy: epoch, attempt, retries, token, worker.
+Copy = tuple[int, int, int, str, str]
 
 
 class Signs:
@@ -25,12 +28,13 @@ class Signs:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # (keys, offset) -> token -> registration JSON of each copy running.
-        self._running: dict[Slot, dict[str, str]] = {}
+        # (keys, offset) -> token -> (epoch, attempt, retries, token, worker) of each copy running;
+        # turned into a registration only when a heartbeat goes out (most records end before one).
+        self._running: dict[Slot, dict[str, Copy]] = {}
         # (keys, offset) -> how many copies are parked waiting for their predecessor.
         self._parked: dict[Slot, int] = {}
 
-    def running(self, slot: Slot, token: str, registration: str) -> None:
+    def running(self, slot: Slot, token: str, registration: Copy) -> None:
         with self._lock:
             self._running.setdefault(slot, {})[token] = registration
 
@@ -58,7 +62,7 @@ class Signs:
         with self._lock:
             for (keys, offset), copies in self._running.items():
                 found = beats.setdefault(keys, Beats())
-                found.running.extend((offset, token, entry) for token, entry in copies.items())
+                found.running.extend((offset, token, registration_json(*entry)) for token, entry in copies.items())
             for keys, offset in self._parked:
                 beats.setdefault(keys, Beats()).parked.append(offset)
         return beats

@@ -319,3 +319,25 @@ def test_a_partition_head_waiting_in_a_busy_worker_past_the_timeout_is_sent_agai
     assert report.duplicates == 0, "a second copy of a waiting record never runs beside or after the first"
     assert report.overlaps == [] and report.order_violations == []
     assert_complete(report, pipeline.ends())
+
+
+def test_a_graceful_stop_with_slow_handlers_ends_within_the_shutdown_timeout(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(2)
+    pipeline = pipeline_factory(
+        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_SLEEP_MS="30000",
+        BRIDGE_SHUTDOWN_TIMEOUT="5", BRIDGE_DRAIN_TIMEOUT="20",
+    )
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 4, key=str)
+    pipeline.start_workers(processes=1, threads=4)
+    bridge = pipeline.start_bridge()
+    wait_until(lambda: sum(e.kind == "S" for e in read_events(redis_client)) == 2, 60,
+               message="the first record of each partition never started")
+    began = time.monotonic()
+    assert bridge.stop(timeout=60) == 0
+    took = time.monotonic() - began
+    # One deadline: the shutdown timeout, plus the final commit and leaving the group; the
+    # revoke that leaving triggers does not wait the drain timeout again.
+    assert took < 5 + 5, f"the stop took {took:.1f}s"
+    assert "stopping with 2 dispatched records unfinished" in bridge.log

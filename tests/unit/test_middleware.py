@@ -51,6 +51,7 @@ def send(
     value: bytes | None = b"v",
     key: bytes | None = b"k",
     epoch: int = 1,
+    attempt: int = 1,
     **options: Any,
 ) -> None:
     lane = lane_name(GROUP, topic, 0)
@@ -61,7 +62,7 @@ def send(
             actor_name=actor.actor_name,
             args=(envelope(topic, 0, offset, key, value, [("h", b"\x00"), ("h", None)], 1700000000000),),
             kwargs={},
-            options={OPTION: meta(topic, offset, epoch=epoch), **options},
+            options={OPTION: meta(topic, offset, epoch=epoch, attempt=attempt), **options},
         )
     )
 
@@ -239,6 +240,8 @@ def test_a_message_for_an_unknown_actor_is_a_final_failure(
         )
     )
     run(stub_broker, worker, ledger, "orders")
+    # dramatiq's consumer thread marks the nack done before its after_nack hook writes the failure.
+    eventually(lambda: 8 in failed_of(ledger, "orders"))
     assert 8 in failed_of(ledger, "orders")
 
 
@@ -557,3 +560,55 @@ def test_an_unparked_record_skipped_by_another_middleware_leaks_nothing_and_is_n
     finally:
         broker.close()
         clear_registry()
+
+
+def test_unordered_records_start_and_end_through_batches_and_their_ends_are_in_the_ledger(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, middleware: LedgerMiddleware,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders", ordering="none")
+    @dramatiq.actor(max_retries=0)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+        if record.offset == 3:
+            raise ValueError("bad")
+
+    def one_by_one(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an unordered record went to the ledger alone")
+
+    monkeypatch.setattr(ledger, "start", one_by_one)
+    monkeypatch.setattr(ledger, "finish", one_by_one)
+    for offset in (1, 2, 3):
+        send(stub_broker, handle, "orders", offset)
+    run(stub_broker, worker, ledger, "orders")
+    middleware.batcher.close()
+    assert sorted(calls) == [1, 2, 3]
+    assert ledger.done_from(keys("orders"), 0) == {1, 2}
+    assert failed_of(ledger, "orders")[3]["error"]["type"] == "ValueError"
+    assert ledger.running(keys("orders")) == {}
+
+
+def test_an_unordered_copy_superseded_or_of_an_older_epoch_does_not_run(
+    stub_broker: StubBroker, worker: dramatiq.Worker, ledger: Ledger, middleware: LedgerMiddleware,
+) -> None:
+    calls: list[int] = []
+
+    @kafka_handler("orders", ordering="none")
+    @dramatiq.actor(max_retries=0)
+    def handle(record: Record) -> None:
+        calls.append(record.offset)
+
+    (old,) = ledger.bump_epochs({keys("orders"): (-1, 0)})
+    (new,) = ledger.bump_epochs({keys("orders"): (-1, 0)})
+    # The bridge found offset 1 without a sign of life and dispatched it again as attempt 2.
+    (stale,) = ledger.stale({keys("orders"): [1]}, 0).values()
+    assert stale.again == {1: 2}
+    send(stub_broker, handle, "orders", 1, epoch=new)  # the first copy, still waiting in its lane
+    send(stub_broker, handle, "orders", 1, epoch=new, attempt=2)
+    send(stub_broker, handle, "orders", 2, epoch=old)  # fenced: the partition moved meanwhile
+    run(stub_broker, worker, ledger, "orders")
+    middleware.batcher.close()  # ends are written a moment later
+    assert calls == [1], "only the newest copy of the current epoch runs"
+    assert ledger.done_from(keys("orders"), 0) == {1}

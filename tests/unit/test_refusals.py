@@ -53,8 +53,8 @@ def test_a_redis_permission_refusal_is_fatal_and_an_outage_is_not() -> None:
 def test_a_refusal_inside_a_script_names_the_command_the_script_needed() -> None:
     import hashlib
 
-    from bridge.ledger.client import _script
-    from bridge.ledger.client import failure as ledger_failure
+    from bridge.ledger.scripts import failure as ledger_failure
+    from bridge.ledger.scripts import script as _script
 
     source = _script("bump")
     sha = hashlib.sha1(source.encode()).hexdigest()

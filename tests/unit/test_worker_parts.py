@@ -11,7 +11,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import SkipMessage
 
 from bridge.keys import PartitionKeys
-from bridge.protocol import OPTION, Meta, UnknownVersion
+from bridge.protocol import OPTION, Meta, UnknownVersion, registration_json
 from bridge.worker.admission import REFUSED_DELAY_MS, Refusals, decode
 from bridge.worker.handoff import Handoff
 from bridge.worker.signs import Signs
@@ -32,14 +32,14 @@ def message(offset: int, **fields: Any) -> dramatiq.MessageProxy:
 
 def test_signs_of_life_count_each_running_copy_and_each_parked_record() -> None:
     signs = Signs()
-    signs.running((KEYS, 3), "a", "{}")
-    signs.running((KEYS, 3), "b", "{}")
+    signs.running((KEYS, 3), "a", (1, 1, 0, "a", "host:1:2"))
+    signs.running((KEYS, 3), "b", (1, 2, 0, "b", "host:1:3"))
     signs.parked((KEYS, 4))
     signs.parked((KEYS, 4))
     signs.finished((KEYS, 3), "a")
     signs.unparked((KEYS, 4))
     beats = signs.beats()[KEYS]
-    assert beats.running == [(3, "b", "{}")] and beats.parked == [4]
+    assert beats.running == [(3, "b", registration_json(1, 2, 0, "b", "host:1:3"))] and beats.parked == [4]
     signs.finished((KEYS, 3), "b")
     signs.unparked((KEYS, 4))
     assert signs.beats() == {}
@@ -48,7 +48,7 @@ def test_signs_of_life_count_each_running_copy_and_each_parked_record() -> None:
 def test_without_a_redis_broker_a_record_runs_again_through_its_lane_with_its_recorded_start() -> None:
     broker = StubBroker()
     broker.declare_queue("lane")
-    handoff = Handoff()
+    handoff = Handoff(Signs())
     handoff.boot(broker, dramatiq.Worker(broker, worker_threads=1))
     assert handoff.run_again(message(5, prev=4), token="tok") is False
     back = dramatiq.Message.decode(broker.queues["lane"].get())

@@ -14,8 +14,7 @@ end
 
 -- The copy registered for offset o (bridge/protocol.py, Registration), or nil. Entries written by
 -- version 1 workers lack k and s.
-local function registration(o)
-  local raw = redis.call('HGET', K_RUNNING, o)
+local function parse_registration(raw)
   if not raw then return nil end
   local c = cjson.decode(raw)
   c.e = tonumber(c.e or 0)
@@ -25,6 +24,10 @@ local function registration(o)
   c.s = c.s or 'run'
   c.k = c.k or ''
   return c
+end
+
+local function registration(o)
+  return parse_registration(redis.call('HGET', K_RUNNING, o))
 end
 
 local function register(o, e, a, r, k, w, t, s)
@@ -65,14 +68,12 @@ end
 -- 4 wait for the predecessor, 5 wait for another copy of this record that is running.
 -- Returns the code and the retry count the copy continues with (a copy that takes over from a
 -- scheduled retry or a dead copy carries their count, so max_retries holds across copies).
-local function start(o, e, a, r, k, w, prev, live, now)
-  if is_done(o) then
-    redis.call('RPUSH', K_FRESH, o)
-    return 2, r
-  end
-  if tonumber(redis.call('GET', K_EPOCH) or '0') > e then return 0, r end
-  if a < tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1') then return 3, r end
-  local c = registration(o)
+-- decide judges from what the caller read: whether o is done, the partition's epoch, o's attempt
+-- number and its registered copy c; the predecessor is start's business.
+local function decide(e, a, r, k, done, epoch, attempts, c, now, live)
+  if done then return 2, r end
+  if epoch > e then return 0, r end
+  if a < attempts then return 3, r end
   if c ~= nil and c.k ~= k then
     if newer(c, e, a, r) then return 3, r end
     -- dramatiq enqueues the retry of a try only after that try ended: a registered try of the
@@ -81,7 +82,52 @@ local function start(o, e, a, r, k, w, prev, live, now)
     if runs(c, now, live) and not retried then return 5, r end
     if c.r > r then r = c.r end
   end
+  return 1, r
+end
+
+local function start(o, e, a, r, k, w, prev, live, now)
+  local code
+  code, r = decide(e, a, r, k, is_done(o), tonumber(redis.call('GET', K_EPOCH) or '0'),
+    tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1'), registration(o), now, live)
+  if code == 2 then redis.call('RPUSH', K_FRESH, o) end
+  if code ~= 1 then return code, r end
   if not released(prev, e, now, live) then return 4, r end
   register(o, e, a, r, k, w, now, 'run')
   return 1, r
+end
+
+-- Records the end of one try of o (common to finish.lua and finish_many.lua). Outcomes: 'done',
+-- 'failed' (final) or 'retry' (dramatiq holds the next try in a delay queue for delay ms).
+-- Returns true when o reached a final state that its successors and the owning bridge must hear
+-- of (the caller announces it).
+local function ends(o, outcome, e, a, r, k, detail, delay, worker, now)
+  local c = registration(o)
+  local own = c ~= nil and c.k == k
+  local current = tonumber(redis.call('GET', K_EPOCH) or '0')
+  local outdated = a < tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1') or (c ~= nil and not own and newer(c, e, a, r))
+  if outcome == 'retry' then
+    -- A scheduled retry stays alive until its eta, and its retry count goes with it; dramatiq has
+    -- raised the message's count for the retry already. If the retry started meanwhile, its own
+    -- registration stands.
+    if (own or c == nil) and not outdated and current <= e and not is_done(o) then
+      register(o, e, a, r, k, worker, now + delay, 'retry')
+    end
+    return false
+  end
+  if own then redis.call('HDEL', K_RUNNING, o) end
+  redis.call('HDEL', K_BEATS, o)
+  if outcome == 'done' then
+    redis.call('ZADD', K_DONE, o, o)
+    redis.call('HDEL', K_FAILED, o)
+    redis.call('HDEL', K_ATTEMPTS, o)
+    redis.call('RPUSH', K_FRESH, o)
+    return true
+  end
+  if is_done(o) or outdated then return false end
+  -- Only the newest copy's final failure counts; a later epoch's replaces an older one's, and
+  -- within one epoch the first detail stays (after_nack repeats it).
+  local fe = failure_epoch(o)
+  if fe == nil or fe < e then redis.call('HSET', K_FAILED, o, detail) end
+  redis.call('RPUSH', K_FRESH, 'f' .. o)
+  return true
 end

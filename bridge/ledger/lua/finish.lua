@@ -8,39 +8,8 @@ local o, outcome = tonumber(ARGV[1]), ARGV[2]
 local e, a, r, k = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local live, channel, worker = tonumber(ARGV[9]), ARGV[10], ARGV[12]
 local now = now_ms()
-local c = registration(o)
-local own = c ~= nil and c.k == k
-local current = tonumber(redis.call('GET', K_EPOCH) or '0')
-local outdated = a < tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1') or (c ~= nil and not own and newer(c, e, a, r))
-
-if outcome == 'retry' then
-  -- A scheduled retry stays alive until its eta, and its retry count goes with it; dramatiq has
-  -- raised the message's count for the retry already. If the retry started meanwhile, its own
-  -- registration stands.
-  if (own or c == nil) and not outdated and current <= e and not is_done(o) then
-    register(o, e, a, r, k, worker, now + tonumber(ARGV[8]), 'retry')
-  end
-  return {-1, -1}
-end
-
-if own then redis.call('HDEL', K_RUNNING, o) end
-redis.call('HDEL', K_BEATS, o)
-if outcome == 'done' then
-  redis.call('ZADD', K_DONE, o, o)
-  redis.call('HDEL', K_FAILED, o)
-  redis.call('HDEL', K_ATTEMPTS, o)
-  redis.call('RPUSH', K_FRESH, o)
-  redis.call('PUBLISH', channel, o)
-elseif not is_done(o) and not outdated then
-  -- Only the newest copy's final failure counts; a later epoch's replaces an older one's, and
-  -- within one epoch the first detail stays (after_nack repeats it).
-  local fe = failure_epoch(o)
-  if fe == nil or fe < e then redis.call('HSET', K_FAILED, o, ARGV[7]) end
-  redis.call('RPUSH', K_FRESH, 'f' .. o)
-  redis.call('PUBLISH', channel, o)
-else
-  return {-1, -1}
-end
+if not ends(o, outcome, e, a, r, k, ARGV[7], tonumber(ARGV[8]), worker, now) then return {-1, -1} end
+redis.call('PUBLISH', channel, o)
 
 local parked = -1
 if #ARGV >= 18 then
