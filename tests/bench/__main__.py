@@ -10,6 +10,7 @@ from typing import Any
 
 from devstack import ServiceError
 from tests.bench.cpu import CpuWatch, load_average, other_processes
+from tests.bench.harness import Bench, Out
 from tests.bench.params import Params
 from tests.bench.report import (
     bridge_digest,
@@ -20,7 +21,6 @@ from tests.bench.report import (
     target_table,
     write_json,
 )
-from tests.bench.scenarios import Bench, Out
 from tests.bench.services import Services
 from tests.bench.suite import ALIASES, SCENARIOS, resolve, run, targets
 from tests.support.bridge_proc import REPO

@@ -23,8 +23,9 @@ import time
 from typing import Any
 
 from tests.bench.cpu import by_component, cpu_ms_per_record
+from tests.bench.harness import Bench, Run, add_to
+from tests.bench.pipeline import pipeline_once
 from tests.bench.results import Target, bound_row, ratio_row
-from tests.bench.scenarios import Bench, Run, add_to
 from tests.bench.services import PARTITIONS, RunFailed, alive, unique
 
 #: Components compared in P4, and the CPU figure the target rows use.
@@ -51,7 +52,7 @@ def p4(bench: Bench) -> None:
             for c in _COMPONENTS:
                 add_to(stock[c], {**result, "cpu": result["cpu_ms_per_record"][c]}, "cpu")
         result = bench.attempt(f"P4 bridge {i + 1}/{p.repeat}",
-                               lambda run: bench.pipeline_once(run, "p4", n, ordering="none"))
+                               lambda run: pipeline_once(bench, run, "p4", n, ordering="none"))
         if result is not None:
             for c in _COMPONENTS:
                 add_to(subject[c], {**result, "cpu": result["cpu_ms_per_record_from_first_dispatch"][c]}, "cpu")
@@ -122,7 +123,7 @@ def p7(bench: Bench) -> None:
         for size in sizes:
             result = bench.attempt(
                 f"P7 {size} partitions {i + 1}/{p.repeat}",
-                functools.partial(bench.pipeline_once, prefix="p7", n=n, ordering="partition", partitions=size,
+                functools.partial(pipeline_once, bench, prefix="p7", n=n, ordering="partition", partitions=size,
                                   events=True),
             )
             if result is not None:

@@ -36,8 +36,8 @@ import redis
 
 from tests.bench import redisstats
 from tests.bench.cpu import by_component
+from tests.bench.harness import Bench, Run, add_to, exit_code
 from tests.bench.results import Target, bound_row, ratio_row
-from tests.bench.scenarios import Bench, Run, add_to, exit_code
 from tests.bench.services import Committed, RunFailed, alive, unique
 
 BRIDGE_CLIENT = "kdb-bench-bridge"

@@ -20,8 +20,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from tests.bench.harness import LATENCY_KEY, Bench, Run, add_to, exit_code
+from tests.bench.paced import latency_once, latency_summary
 from tests.bench.results import Target, bound_row, margin_row
-from tests.bench.scenarios import LATENCY_KEY, Bench, Run, add_to, exit_code
 from tests.bench.services import PARTITIONS, VALUE_PAD, Committed, RunFailed, alive, unique
 
 # -- P2: the first record after silence ----------------------------------------------------
@@ -147,7 +148,7 @@ def p3(bench: Bench) -> None:
             if name == "stock":
                 body: Any = functools.partial(_stock_paced_once, bench, rate=rate)
             else:
-                body = functools.partial(bench.latency_once, ordering=name, rate=rate)
+                body = functools.partial(latency_once, bench, ordering=name, rate=rate)
             result = bench.attempt(f"P3 {name} at {rate:g}/s", body)
             if result is not None:
                 add_to(p50, result, "p50_ms")
@@ -176,7 +177,7 @@ def _stock_paced_once(bench: Bench, run: Run, rate: float) -> dict[str, Any]:
         while redis.llen(LATENCY_KEY) < count and time.time() < deadline:
             time.sleep(0.05)
         t_waited = time.time()
-    return bench.latency_summary(run, count, t_start, t_sent, t_waited)
+    return latency_summary(bench, run, count, t_start, t_sent, t_waited)
 
 
 # -- target rows ----------------------------------------------------------------------------
