@@ -14,8 +14,8 @@ from tests.support.bridge_proc import REPO
 TARGETS = {"T1", "T2", "T3", "T4", "T5-none-p50", "T5-none-p99", "T5-key-p50", "T5-key-p99", "T5-partition-p50",
            "T5-partition-p99", "T6", "T6-ledger-per-in-flight", "T6-ledger-end", "T7"}
 
-#: The P scenarios in a reduced form that adds about a minute and a half to the quick run: few
-#: partitions, short windows, one repetition, one rate and one ordering mode where there are several.
+#: The P scenarios in a reduced form (few partitions, short windows, one repetition, one rate and
+#: one ordering mode where there are several), so that the whole quick run stays a few minutes long.
 SMOKE = {
     "p1_partitions": "64", "p1_window_s": "3", "p1_settle_s": "1", "p1_monitor_s": "1",
     "p2_repeats": "1", "p2_silence_s": "3", "p2_orderings": "partition",
