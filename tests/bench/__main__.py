@@ -60,7 +60,7 @@ METHOD = [
     "idle over the same window.",
     "P2: T5's producer (linger.ms=0, CreateTime) sends one record per partition to warm the pipeline, then "
     "each record after p2_silence_s without any; the stock baseline sends plain_timed(send time) to the idle "
-    "queue of the same workers the same way.",
+    "queue of workers started the same way (2 processes x 8 threads), the same way.",
     "P3: T5's method at each rate of p3_rates; the stock baseline paces send() of plain_timed(send time) at the "
     "same rate from one thread; per rate the stock run comes first.",
     "P4: CPU per record from /proc. Bridge: from the first dispatch to committed == end. Stock: worker processes "
