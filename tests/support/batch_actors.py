@@ -3,7 +3,8 @@
 Each call appends a start event and an end event for the whole batch to one Redis list:
 ``S|topic|partition|offsets|pid|token|ms`` and ``E|topic|partition|offsets|pid|token|ms|outcome``
 (``offsets`` comma-separated), so a test can check order across batches, overlap, completeness
-and batch sizes from one totally ordered history.
+and batch sizes from one totally ordered history. The encoded size of each message goes to
+``kdb-test:sizes``.
 
   KDB_TEST_TOPICS         comma-separated topics (required)
   KDB_TEST_BATCH_SIZE     batch_size (default 100)
@@ -26,11 +27,13 @@ import uuid
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage
 
 from bridge import BatchFailed, Record, kafka_handler
 
 URL = os.environ["BRIDGE_REDIS_URL"]
 broker = RedisBroker(url=URL)
+broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
 _events = redis.Redis.from_url(URL)
@@ -57,6 +60,9 @@ def record_batch(records: list[Record]) -> None:
     offsets = ",".join(str(r.offset) for r in records)
     coords = f"{first.topic}|{first.partition}|{offsets}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
     _events.rpush(EVENTS, f"S|{coords}|{int(time.time() * 1000)}")
+    message = CurrentMessage.get_current_message()
+    if message is not None:
+        _events.rpush(EVENTS.replace("events", "sizes"), len(message.encode()))
     outcome = "ok"
     try:
         if SLEEP:
