@@ -18,6 +18,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
 
+from .batching import BatchState
 from .commit import Committer
 from .completions import reason_of
 from .deadletter import DeadLetterRouter
@@ -129,13 +130,8 @@ class Assignments:
                 lane=self._lane(tp.topic, tp.partition),
                 window=handler.window or self._settings.window,
                 dead_letter_topic=handler.dead_letter_for(tp.topic),
-                stages=handler.ordering != "none" and pipelined(handler.actor.broker),
-                state=PartitionState(
-                    ordering=handler.ordering,
-                    epoch=epochs[i] if epochs else 0,
-                    start_offset=start if start >= 0 else None,
-                    depth=self._settings.lane_depth,
-                ),
+                stages=handler.ordering != "none" and pipelined(handler.actor.broker) and handler.batch is None,
+                state=self._state(handler, epochs[i] if epochs else 0, start if start >= 0 else None),
                 start_offset=start,
                 assignment=Assignment(
                     needs_setup=epochs is None, handover_deadline=now + self._settings.handover_timeout
@@ -166,6 +162,13 @@ class Assignments:
         self._stats.rebalance("assigned")
         for tp in committed:
             self._hooks.run_hooks("assigned", tp.topic, tp.partition, group)
+
+    def _state(self, handler: Handler, epoch: int, start: int | None) -> PartitionState:
+        if handler.batch is not None:
+            return BatchState(options=handler.batch, ordering=handler.ordering, epoch=epoch, start_offset=start,
+                              max_bytes=self._settings.max_message_bytes)
+        return PartitionState(ordering=handler.ordering, epoch=epoch, start_offset=start,
+                              depth=self._settings.lane_depth)
 
     def on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = [o for tp in partitions if (o := self._partitions.get(tp.topic, tp.partition)) is not None]

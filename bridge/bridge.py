@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from . import lanes
 from .assignments import Assignments
+from .batching import check_batch_handlers, flush, holding
 from .clock import Clock, Every, SystemClock
 from .commit import Committer
 from .completions import Completions
@@ -66,6 +67,7 @@ class Bridge:
     ) -> None:
         if not handlers:
             raise ConfigurationError("no Kafka handlers registered")
+        check_batch_handlers(settings, handlers)
         self.settings, self.handlers = settings, dict(handlers)
         lanes.check(settings.lanes, self.handlers.values())
         self.clock = clock or SystemClock()
@@ -224,15 +226,21 @@ class Bridge:
         """Let the dispatched records of ``partitions`` finish and their dead letters be written,
         until ``deadline``, dispatching nothing new; at least one round reads what is done. ``poll``:
         keep polling Kafka meanwhile (a consumer that stops polling is evicted); not from inside a
-        rebalance callback."""
+        rebalance callback. Batch handlers' partitions send their partial batches at once, and those
+        are drained too."""
+        flushed = flush(partitions)
         try:
             while True:
                 now = self.clock.monotonic()
                 self.router.collect()
                 self.router.settle(now)
                 self.completions.read(now, partitions)
+                if flushed:
+                    self.dispatcher.dispatch(now, flushed)
                 self.router.send_due(now)
-                if now >= deadline or not any(o.state.dispatched_open or o.letters.failing for o in partitions):
+                if now >= deadline or not any(
+                    o.state.dispatched_open or o.letters.failing or holding(o) for o in partitions
+                ):
                     return
                 if poll:
                     for message in self.consumer.consume(num_messages=self.settings.poll_batch, timeout=0):

@@ -10,6 +10,7 @@ import logging
 
 from confluent_kafka import KafkaException
 
+from .batching import BatchState
 from .clock import Every
 from .consumer import KafkaConsumer
 from .keys import status_key
@@ -108,8 +109,10 @@ class Reporting:
         entries: dict[str, str] = {}
         for owned, view in zip(self._partitions, views, strict=True):
             age = view.oldest_unfinished_age
+            batches = owned.state.in_flight_batches() if isinstance(owned.state, BatchState) else None
             entries[f"{owned.topic}|{owned.partition}"] = json.dumps(
                 {
+                    **({"batches": batches} if batches is not None else {}),
                     "owner": self._instance,
                     "epoch": owned.state.epoch,
                     "committed": owned.marks.confirmed,
