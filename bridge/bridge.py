@@ -33,6 +33,7 @@ from .consumer import KafkaConsumer, await_topics, client_error, consumer_config
 from .deadletter import DeadLetterRouter, DeadLetters
 from .dispatch import Dispatcher
 from .errors import ConfigurationError, FatalError, TaskBrokerUnavailable
+from .finishes import Announcements
 from .flow import Flow
 from .intake import Intake
 from .ledger import Ledger, LedgerError, connect
@@ -96,7 +97,8 @@ class Bridge:
         self.committer.consumer = self.consumer
         self.flow = Flow(self.consumer, settings, self.partitions)
         self.router = DeadLetterRouter(settings, self.ledger, self.partitions, self.stats, dead_letters)
-        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe)
+        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe,
+                                       Announcements(self.ledger.client))
         self.intake = Intake(settings, self.partitions, self.router, self.stats)
         self.dispatcher = Dispatcher(settings, self.ledger, self.partitions, self.router, self.completions,
                                      self.stats, self.probe)
@@ -171,6 +173,7 @@ class Bridge:
         if self._stop_deadline is None:
             self._stop_deadline = self.clock.monotonic()  # no draining any more
         self.consumer.close()
+        self.completions.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
