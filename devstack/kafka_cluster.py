@@ -161,13 +161,14 @@ class KafkaCluster:
         """Format every node on first use, launch them all and wait until they form the cluster.
 
         Ready means every node is a live broker in the metadata and the consumer offsets
-        topic exists with all its replicas in sync. Returns the seconds that took; raises
-        :class:`ServiceError` naming the node and its logs (and kills every node) otherwise.
+        topic exists with all its replicas in sync. ``timeout`` counts from the launch, as for
+        a single server: formatting the nodes (a JVM each) does not use it up. Returns the
+        seconds from preparation to ready; raises :class:`ServiceError` naming the node and
+        its logs (and kills every node) otherwise.
         """
         if any(node.running for node in self._nodes.values()):
             raise ServiceError(f"the Kafka cluster in {self.data_dir} is already running")
         began = time.monotonic()
-        deadline = began + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._plan is None:
             self._plan = self._new_plan()
@@ -177,9 +178,19 @@ class KafkaCluster:
         try:
             for node in nodes:
                 node.launch()
-            wait_all_ready(nodes, max(1.0, deadline - time.monotonic()))
-            self.wait_brokers(self.node_ids, timeout=max(1.0, deadline - time.monotonic()))
-            self._create_offsets_topic(max(1.0, deadline - time.monotonic()))
+            launched = time.monotonic()
+            deadline = launched + timeout
+            try:
+                wait_all_ready(nodes, timeout)
+                self.wait_brokers(self.node_ids, timeout=_left(deadline))
+                self._create_offsets_topic(_left(deadline))
+            except ServiceError as exc:
+                # Each step only knows its share of the budget; say what the whole start had.
+                raise ServiceError(
+                    f"the Kafka cluster in {self.data_dir} was not ready {time.monotonic() - launched:.0f}s after "
+                    f"its nodes were launched (start timeout {timeout:.0f}s from the launch; preparing and "
+                    f"launching took {launched - began:.0f}s before that): {exc}"
+                ) from exc
         except BaseException:
             for node in nodes:
                 node.kill()
@@ -377,6 +388,11 @@ class KafkaCluster:
             )
             for node_id in sorted(ports)
         }
+
+
+def _left(deadline: float, floor: float = 1.0) -> float:
+    """Seconds until ``deadline``, but at least ``floor``: a step reached late still gets one look."""
+    return max(floor, deadline - time.monotonic())
 
 
 def _poll(predicate: Callable[[], T | None], timeout: float, explain: Callable[[], str]) -> T:

@@ -3,6 +3,9 @@ that keeps serving with a broker down, and every tested Kafka version round-trip
 
 from __future__ import annotations
 
+import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from redis.crc import key_slot
 
-from devstack import TESTED_KAFKA_VERSIONS, KafkaCluster, KafkaServer, RedisCluster
+from devstack import TESTED_KAFKA_VERSIONS, KafkaCluster, KafkaServer, RedisCluster, ServiceError
 from tests.integration.test_services import RECORDS, assert_complete_and_ordered
 from tests.support.kafka import (
     committed_offsets,
@@ -130,6 +133,29 @@ def test_a_lua_script_over_keys_of_one_hash_tag_runs_and_keys_of_two_slots_are_r
 
 
 # -- Kafka cluster ------------------------------------------------------------------------------------
+
+
+def test_a_cluster_start_out_of_time_kills_every_node_and_says_how_long_it_waited_after_the_launch(
+    tmp_path: Path,
+) -> None:
+    cluster = KafkaCluster(tmp_path / "cluster", version=os.environ.get("BRIDGE_TEST_KAFKA_VERSION") or None)
+    began = time.monotonic()
+    with pytest.raises(ServiceError) as raised:
+        cluster.start(timeout=1)
+    took = time.monotonic() - began
+
+    message = str(raised.value)
+    headline = re.match(
+        r"the Kafka cluster in \S+ was not ready (\d+)s after its nodes were launched "
+        r"\(start timeout 1s from the launch; preparing and launching took (\d+)s before that\): ",
+        message,
+    )
+    assert headline is not None, message
+    waited, launching = int(headline[1]), int(headline[2])
+    assert waited >= 1
+    assert waited + launching <= took + 1  # each rounded to whole seconds
+    assert all(f"kafka-{i} ({cluster.node(i).data_dir})" in message for i in cluster.node_ids)
+    assert cluster.running_ids() == []
 
 
 def produce_half(cluster: KafkaCluster, topic: str, first: int) -> None:
