@@ -73,7 +73,8 @@ class RabbitServer(Service):
 
     @property
     def cmdline_markers(self) -> list[str]:
-        return ["beam", self.node]
+        # The node name reaches the VM through the environment only; HOME (the data dir) is an argument.
+        return ["beam", "-home", str(self.data_dir)]
 
     def _log_files(self) -> list[Path]:
         return [self.console_log, *sorted((self.data_dir / "log").glob("*.log"))]
@@ -130,6 +131,9 @@ class RabbitServer(Service):
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(data / "enabled_plugins"),
             "RABBITMQ_CONF_ENV_FILE": str(data / "rabbitmq-env.conf"),
             "RABBITMQ_PID_FILE": str(data / "rabbitmq.beam.pid"),
+            # The script then execs the Erlang VM instead of running it as its own child: the pid
+            # we start (and write to the pidfile) is the VM's, and SIGTERM reaches it directly.
+            "RUNNING_UNDER_SYSTEMD": "true",
         }
         with self.console_log.open("ab") as log:
             return subprocess.Popen(
