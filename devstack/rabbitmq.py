@@ -14,6 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from devstack.lifetime import tied_to_this_process
 from devstack.ports import HOST, free_port
 from devstack.process import Service, ServiceError
 
@@ -108,7 +109,7 @@ class RabbitServer(Service):
         self._epmd = subprocess.Popen(
             [_epmd_binary(), "-port", str(self._ports["epmd"]), "-address", HOST],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=tied_to_this_process(),
         )
 
     def _command(self) -> list[str]:
@@ -138,7 +139,7 @@ class RabbitServer(Service):
         with self.console_log.open("ab") as log:
             return subprocess.Popen(
                 argv, cwd=data, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=tied_to_this_process(),
             )
 
     def _ready(self, budget: float) -> bool:
