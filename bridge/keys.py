@@ -16,6 +16,11 @@ LANES_KEY = "kdb:lanes"
 #: partitions nobody owns any more (a deleted topic) leave the registry after a while.
 LANES_SEEN_KEY = "kdb:lanes:seen"
 
+#: Pub/sub channel prefix: the bridge publishes ``WAKE_PREFIX + lane`` on the task broker's Redis
+#: when it puts records on a lane, and idle consumers of that lane fetch at once.
+WAKE_PREFIX = "kdb:wake:"
+WAKE_PATTERN = WAKE_PREFIX + "*"
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -114,3 +119,9 @@ def status_key(group: str) -> str:
 def lane_name(group: str, topic: str, partition: int) -> str:
     """The dramatiq queue that carries one partition's records for one consumer group."""
     return f"kdb.{_UNSAFE.sub('_', group)}.{topic}.{partition}"
+
+
+def topic_lane_name(group: str, topic: str) -> str:
+    """The dramatiq queue that carries every partition's records of ``topic`` for one consumer
+    group. It ends in ``.all``, where a partition's lane ends in its number: never the same queue."""
+    return f"kdb.{_UNSAFE.sub('_', group)}.{topic}.all"

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from .stats import Stats
+from .stats import BATCH_SIZE_BUCKETS, Stats
 
 PREFIX = "kafka_dramatiq_bridge_"
 
@@ -26,6 +26,7 @@ _RECORD_COUNTERS = (
     ("failed", "records_failed", "Records that failed finally (retries exhausted, undecodable, too large)."),
     ("dead_lettered", "records_dead_lettered", "Failed records written to their dead-letter topic."),
     ("redispatched", "records_redispatched", "Records dispatched again after showing no sign of life."),
+    ("batches", "batches_dispatched", "Batch messages put on their lanes (first dispatch of each; batch handlers)."),
 )
 
 
@@ -104,6 +105,7 @@ class Metrics(Collector):
                 if kind == counter:
                     family.add_metric([topic], value)
             yield family
+        yield _batch_sizes(self.stats)
         rebalances = CounterMetricFamily(
             PREFIX + "rebalances", "Rebalance events: partitions assigned, revoked or lost.", labels=["event"]
         )
@@ -119,6 +121,19 @@ class Metrics(Collector):
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, text, value=value)
+
+
+def _batch_sizes(stats: Stats) -> Metric:
+    family = HistogramMetricFamily(
+        PREFIX + "batch_size_records", "Records per batch message (batch handlers), per topic.", labels=["topic"]
+    )
+    for topic, (counts, total) in sorted(stats.batch_sizes.copy().items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, BATCH_SIZE_BUCKETS), "+Inf"), counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric([topic], buckets, total)
+    return family
 
 
 def _partition_gauges(partitions: tuple[PartitionView, ...]) -> Iterator[Metric]:

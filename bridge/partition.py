@@ -46,6 +46,10 @@ class Entry:
     #: Ordered modes: the record of the same partition (key) dispatched before this one in this
     #: epoch, which must reach a final state before this one starts; -1 for none.
     prev: int = -1
+    #: Batch handlers: the first offset of the batch it was dispatched in; -1 for none.
+    lead: int = -1
+    #: When it was delivered (loop clock): a partial batch waits for more until its timeout.
+    delivered_at: float = 0.0
 
 
 def _settled(entry: Entry) -> bool:
@@ -107,13 +111,14 @@ class PartitionState:
         return key
 
     def deliver(
-        self, offset: int, key: bytes | None, payload: Any, size: int = 0, timestamp: int | None = None
+        self, offset: int, key: bytes | None, payload: Any, size: int = 0, now: float = 0.0,
+        timestamp: int | None = None,
     ) -> Entry:
         """Accept a polled record. Offsets must increase; a record the ledger already shows
         done is accepted as done and never dispatched."""
         if self._entries and offset <= self._entries[-1].offset:
             raise ValueError(f"offset {offset} delivered out of order after {self._entries[-1].offset}")
-        entry = Entry(offset, self.group_of(key), payload, size=size, timestamp=timestamp)
+        entry = Entry(offset, self.group_of(key), payload, size=size, delivered_at=now, timestamp=timestamp)
         self._entries.append(entry)
         self._by_offset[offset] = entry
         if self._next_commit is None:

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from confluent_kafka import KafkaException
 
+from .batching import BatchState
 from .clock import Every
 from .consumer import KafkaConsumer
 from .keys import status_key
@@ -137,8 +138,10 @@ class Reporting:
         entries: dict[str, str] = {}
         for owned, view in zip(self._partitions, views, strict=True):
             age, held = view.oldest_unfinished_age, view.holding_age
+            batches = owned.state.in_flight_batches() if isinstance(owned.state, BatchState) else None
             entries[f"{owned.topic}|{owned.partition}"] = json.dumps(
                 {
+                    **({"batches": batches} if batches is not None else {}),
                     "owner": self._instance,
                     "epoch": owned.state.epoch,
                     "committed": owned.marks.confirmed,

@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from .errors import ConfigurationError
 from .probe import CRASH_POINTS
 
+#: ``BRIDGE_LANES``: how partitions map onto dramatiq queues (see :mod:`bridge.lanes`).
+LaneSetting = Literal["auto", "topic", "partition"]
+
 #: librdkafka properties the bridge sets itself. Overriding them would break a guarantee
 #: (auto commit / auto offset store / offset reset) or has a setting of its own.
 RESERVED_KAFKA_PROPERTIES: dict[str, str] = {
@@ -124,6 +127,16 @@ class Settings(WorkerSettings):
     max_in_flight: int = Field(
         20_000, ge=1, le=10_000_000,
         description="Records held and not yet done over all partitions; beyond it every partition is paused.",
+    )
+    lanes: LaneSetting = Field(
+        "auto",
+        description=(
+            "How partitions map onto dramatiq queues: `topic` (one queue per topic, shared by its "
+            "partitions), `partition` (one queue per partition), or `auto`: `topic` for handlers on "
+            "dramatiq's Redis broker and for `none` ordering, `partition` for ordered handlers on other "
+            "brokers. Each queue costs every worker process a consumer thread and a connection. See "
+            "[lanes and queues](concepts.md#lanes-and-queues)."
+        ),
     )
     lane_depth: int = Field(
         32, ge=1, le=100_000,

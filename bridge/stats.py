@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 #: Record counters kept per topic as well as in total (the metrics export them per topic).
-Counted = Literal["dispatched", "done", "failed", "dead_lettered", "redispatched"]
+Counted = Literal["dispatched", "done", "failed", "dead_lettered", "redispatched", "batches"]
+
+#: Upper bounds of the batch size histogram's buckets (records per batch message).
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
 
 
 @dataclass(slots=True)
@@ -17,6 +20,7 @@ class Stats:
     failed: int = 0
     dead_lettered: int = 0
     redispatched: int = 0
+    batches: int = 0
     commits: int = 0
     commit_failures: int = 0
     rebalances: int = 0
@@ -24,6 +28,8 @@ class Stats:
     by_topic: dict[tuple[str, str], int] = field(default_factory=dict)
     #: "assigned" | "revoked" | "lost" -> count.
     rebalance_events: dict[str, int] = field(default_factory=dict)
+    #: topic -> (count per bucket of BATCH_SIZE_BUCKETS plus one for larger, sum of sizes).
+    batch_sizes: dict[str, tuple[list[int], int]] = field(default_factory=dict)
     _last: tuple[float, int, int] | None = field(default=None, repr=False)
 
     def add(self, counter: Counted, topic: str, n: int = 1) -> None:
@@ -31,6 +37,13 @@ class Stats:
             setattr(self, counter, getattr(self, counter) + n)
             key = (counter, topic)
             self.by_topic[key] = self.by_topic.get(key, 0) + n
+
+    def batch(self, topic: str, size: int) -> None:
+        """A batch message of ``size`` records went out for the first time."""
+        self.add("batches", topic)
+        counts, total = self.batch_sizes.get(topic) or ([0] * (len(BATCH_SIZE_BUCKETS) + 1), 0)
+        counts[next((i for i, bound in enumerate(BATCH_SIZE_BUCKETS) if size <= bound), len(BATCH_SIZE_BUCKETS))] += 1
+        self.batch_sizes[topic] = (counts, total + size)
 
     def rebalance(self, event: Literal["assigned", "revoked", "lost"]) -> None:
         self.rebalances += 1

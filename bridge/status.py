@@ -131,6 +131,8 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
                 "lag": lag,
                 "lag_s": lag_seconds(lag, timestamps.get(key), wall),
                 "in_flight": info.get("in_flight"),
+                # Batch handlers: batch messages dispatched and not wholly final.
+                "in_flight_batches": info.get("batches"),
                 "running": running[key],
                 "oldest_age_s": info.get("oldest_age_s"),
                 "holding_offset": info.get("holding_offset"),
@@ -154,11 +156,20 @@ def _title(column: str) -> str:
     return column.replace("_", " ")
 
 
+def _cell(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return "-"
+    if column == "in_flight" and row.get("in_flight_batches") is not None:
+        return f"{value} ({row['in_flight_batches']} batches)"
+    return str(value)
+
+
 def render(rows: list[dict[str, Any]], as_json: bool) -> str:
     if as_json:
         return json.dumps(rows, indent=2)
     header = [_title(c) for c in _COLUMNS]
-    table = [header] + [["-" if r.get(c) is None else str(r.get(c)) for c in _COLUMNS] for r in rows]
+    table = [header] + [[_cell(r, c) for c in _COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     for r in rows:

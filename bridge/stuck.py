@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .batching import BatchState
 from .deadletter import DeadLetterRouter
 from .ledger import Stuck
 from .logs import coordinates
@@ -65,15 +66,18 @@ class Holders:
 
 
 def give_up(router: DeadLetterRouter, owned: Owned, entry: Entry, stuck: Stuck, now: float) -> list[Entry]:
-    """Route a record the ledger gave up as stuck to the dead-letter topic; the record that was
-    staged behind it, to put on its lane now (its predecessor will not hand it over any more)."""
+    """Route a record the ledger gave up as stuck to the dead-letter topic (with a batch handler,
+    every record of its batch: they died together); the records staged behind it, to put on their
+    lane now (their predecessor will not hand them over any more)."""
     if entry.done or entry.failure is not None:
         return []
-    router.fail(owned, entry, now, Reason.STUCK.value, stuck.detail)
-    successor = owned.state.entry(stuck.successor) if stuck.successor is not None else None
+    state = owned.state
+    for member in (state.batch_of(entry) if isinstance(state, BatchState) else None) or [entry]:
+        router.fail(owned, member, now, Reason.STUCK.value, stuck.detail)
+    successor = state.entry(stuck.successor) if stuck.successor is not None else None
     if successor is None or successor.done or successor.released or not successor.dispatched:
         return []
-    return [successor]
+    return (state.batch_of(successor) if isinstance(state, BatchState) else None) or [successor]
 
 
 class StuckWarnings:

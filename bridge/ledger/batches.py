@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..keys import PartitionKeys
@@ -55,3 +56,25 @@ def many_calls(
         for copy, by in some_starts:
             args += [copy.offset, copy.epoch, copy.attempt, copy.retries, copy.token, by]
         yield args, len(some_starts)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEnd:
+    """The end of one try of a batch (``lua/batch.lua``): the copy registered under its first
+    offset, the offsets that succeeded, the ones that failed for good with their details, and,
+    when dramatiq retries the rest, the first offset of the retry and its delay."""
+
+    copy: Try
+    done: Sequence[int] = ()
+    failed: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    next: int = -1
+    delay_ms: int = 0
+
+
+def batch_args(keys: PartitionKeys, end: BatchEnd, worker: str) -> list[Any]:
+    copy = end.copy
+    args: list[Any] = [copy.offset, copy.epoch, copy.attempt, copy.retries, copy.token, worker,
+                       keys.finished_channel, end.next, end.delay_ms, len(end.done), len(end.failed), *end.done]
+    for offset, detail in sorted(end.failed.items()):
+        args += [offset, failure_json(copy.epoch, detail)]
+    return args

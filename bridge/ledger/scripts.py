@@ -20,7 +20,7 @@ def script(name: str, *, common: bool = True) -> str:
 
 
 SCRIPTS = (
-    "start", "finish", "many", "stage", "beat", "stale", "handover", "bump", "fail", "prune",
+    "start", "finish", "many", "batch", "stage", "beat", "stale", "handover", "bump", "fail", "prune",
 )
 
 #: Every script's source by its SHA1, to name the command a refused script needed.

@@ -11,13 +11,17 @@ import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
 
+from bridge.batching import BatchState
 from bridge.completions import Completions
 from bridge.dispatch import Dispatcher
+from bridge.ledger import Stuck
 from bridge.metrics import PartitionView
 from bridge.owned import Owned, Partitions
+from bridge.record import envelope
+from bridge.registry import BatchOptions
 from bridge.stats import Stats
-from bridge.stuck import Holders, Holding, StuckWarnings
-from tests.unit.parts import RecordingRouter, deliver, ledger, owned, settings
+from bridge.stuck import Holders, Holding, StuckWarnings, give_up
+from tests.unit.parts import RecordingRouter, T, deliver, ledger, owned, settings
 
 
 def lane_offsets(broker: StubBroker, partition: Owned) -> list[tuple[int, int]]:
@@ -109,3 +113,18 @@ def test_the_warning_can_be_turned_off(caplog: pytest.LogCaptureFixture) -> None
     with caplog.at_level(logging.WARNING, logger="bridge"):
         StuckWarnings(after=0).check([view(7, 10_000.0)])
     assert caplog.records == []
+
+
+def test_a_batch_whose_worker_died_too_often_is_dead_lettered_whole_and_the_next_batch_goes_out() -> None:
+    partition = owned(ordering="partition")
+    partition.state = BatchState(options=BatchOptions(3, 0.0, "partition"), ordering="partition", epoch=1,
+                                 max_bytes=1 << 20, start_offset=0)
+    for o in range(6):
+        partition.state.deliver(o, b"k", envelope(T, 0, o, b"k", b"v", None, None), 2)
+    first = partition.state.take_ready(100)
+    assert [e.offset for e in first] == [0, 1, 2], "the next batch waits for this one"
+    router = RecordingRouter()
+    given_up = give_up(router, partition, first[0], Stuck({"reason": "stuck", "attempts": 4}, None), 1.0)  # type: ignore[arg-type]
+    assert given_up == []
+    assert [(o, reason) for o, reason, _ in router.failed] == [(0, "stuck"), (1, "stuck"), (2, "stuck")]
+    assert [e.offset for e in partition.state.take_ready(100)] == [3, 4, 5]
