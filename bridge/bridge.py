@@ -44,6 +44,7 @@ from .registry import Handler, Registry, registry
 from .reporting import Reporting
 from .settings import Settings
 from .stats import Stats
+from .timelag import TimestampReader
 
 logger = logging.getLogger("bridge")
 
@@ -107,8 +108,9 @@ class Bridge:
                                        self.halt, now)
         self.assignments.cooperative = is_cooperative(config)
         self.assignments.drain = self._drain_revoked
+        timestamps = TimestampReader(settings, consumer_factory=consumer_factory)
         self.reporting = Reporting(settings, self.ledger, self.consumer, self.partitions, self.stats, self.metrics,
-                                   self.instance)
+                                   self.instance, timestamps=timestamps)
         self._due = {
             "ping": Every(1.0), "upkeep": Every(settings.lane_refresh_interval), "handover": Every(0.05),
             "redispatch": Every(1.0), "commit": Every(settings.commit_interval),
@@ -174,6 +176,7 @@ class Bridge:
             self._stop_deadline = self.clock.monotonic()  # no draining any more
         self.consumer.close()
         self.completions.close()
+        self.reporting.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
