@@ -24,7 +24,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from . import lanes
 from .assignments import Assignments
+from .batching import check_batch_handlers, flush, holding
 from .clock import Clock, Every, SystemClock
 from .commit import Committer
 from .completions import Completions
@@ -33,6 +35,7 @@ from .control import Control
 from .deadletter import DeadLetterRouter, DeadLetters
 from .dispatch import Dispatcher
 from .errors import ConfigurationError, FatalError, TaskBrokerUnavailable
+from .finishes import Announcements
 from .flow import Flow
 from .intake import Intake
 from .ledger import Ledger, LedgerError, connect
@@ -43,6 +46,7 @@ from .registry import Handler, Registry, registry
 from .reporting import Reporting
 from .settings import Settings
 from .stats import Stats
+from .timelag import TimestampReader
 
 logger = logging.getLogger("bridge")
 
@@ -67,7 +71,9 @@ class Bridge:
     ) -> None:
         if not handlers:
             raise ConfigurationError("no Kafka handlers registered")
+        check_batch_handlers(settings, handlers)
         self.settings, self.handlers = settings, dict(handlers)
+        lanes.check(settings.lanes, self.handlers.values())
         self.clock = clock or SystemClock()
         self.ledger = ledger or Ledger(connect(settings.redis_url))
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
@@ -94,7 +100,8 @@ class Bridge:
         self.committer.consumer = self.consumer
         self.flow = Flow(self.consumer, settings, self.partitions)
         self.router = DeadLetterRouter(settings, self.ledger, self.partitions, self.stats, dead_letters)
-        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe)
+        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe,
+                                       Announcements(self.ledger.client))
         self.intake = Intake(settings, self.partitions, self.router, self.stats)
         self.dispatcher = Dispatcher(settings, self.ledger, self.partitions, self.router, self.completions,
                                      self.stats, self.probe)
@@ -103,8 +110,9 @@ class Bridge:
                                        self.halt, now)
         self.assignments.cooperative = is_cooperative(config)
         self.assignments.drain = self._drain_revoked
+        timestamps = TimestampReader(settings, consumer_factory=consumer_factory)
         self.reporting = Reporting(settings, self.ledger, self.consumer, self.partitions, self.stats, self.metrics,
-                                   self.instance)
+                                   self.instance, timestamps=timestamps)
         self.control = Control(settings, self.ledger, self.partitions, self.router, self.instance)
         self._due = {
             "ping": Every(1.0), "upkeep": Every(settings.lane_refresh_interval), "handover": Every(0.05),
@@ -170,6 +178,8 @@ class Bridge:
         if self._stop_deadline is None:
             self._stop_deadline = self.clock.monotonic()  # no draining any more
         self.consumer.close()
+        self.completions.close()
+        self.reporting.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -226,15 +236,21 @@ class Bridge:
         """Let the dispatched records of ``partitions`` finish and their dead letters be written,
         until ``deadline``, dispatching nothing new; at least one round reads what is done. ``poll``:
         keep polling Kafka meanwhile (a consumer that stops polling is evicted); not from inside a
-        rebalance callback."""
+        rebalance callback. Batch handlers' partitions send their partial batches at once, and those
+        are drained too."""
+        flushed = flush(partitions)
         try:
             while True:
                 now = self.clock.monotonic()
                 self.router.collect()
                 self.router.settle(now)
                 self.completions.read(now, partitions)
+                if flushed:
+                    self.dispatcher.dispatch(now, flushed)
                 self.router.send_due(now)
-                if now >= deadline or not any(o.state.dispatched_open or o.letters.failing for o in partitions):
+                if now >= deadline or not any(
+                    o.state.dispatched_open or o.letters.failing or holding(o) for o in partitions
+                ):
                     return
                 if poll:
                     for message in self.consumer.consume(num_messages=self.settings.poll_batch, timeout=0):

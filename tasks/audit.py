@@ -4,7 +4,7 @@ from typing import Any
 
 import dramatiq
 
-from bridge import current_record, kafka_handler
+from bridge import Record, current_record, kafka_handler
 
 from .store import remember
 
@@ -12,6 +12,10 @@ from .store import remember
 @kafka_handler("audit-events", ordering="none", message_format="value", value_codec="json")
 @dramatiq.actor
 def record_audit_event(event: dict[str, Any]) -> None:
-    # Also sent directly by other code as record_audit_event.send({...}); from Kafka, the record
-    # is available too.
-    remember("audit", current_record(), f"actor={event.get('actor')} action={event.get('action')}")
+    # Also sent directly by other code as record_audit_event.send({...}): then no record is
+    # running, and the event is remembered without its Kafka position.
+    try:
+        record: Record | None = current_record()
+    except LookupError:
+        record = None
+    remember("audit", record, f"actor={event.get('actor')} action={event.get('action')}")

@@ -16,8 +16,9 @@ def _client() -> "redis.Redis":
     return redis.Redis.from_url(os.environ.get("BRIDGE_REDIS_URL", "redis://localhost:6379/0"))
 
 
-def remember(kind: str, record: Record, summary: str) -> None:
-    line = f"{record.topic}[{record.partition}]@{record.offset} {summary}"
+def remember(kind: str, record: Record | None, summary: str) -> None:
+    where = f"{record.topic}[{record.partition}]@{record.offset}" if record is not None else "direct"
+    line = f"{where} {summary}"
     with _client().pipeline() as pipe:
         pipe.lpush(f"tasks:{kind}", line)
         pipe.ltrim(f"tasks:{kind}", 0, 999)

@@ -20,7 +20,7 @@ def script(name: str, *, common: bool = True) -> str:
 
 
 SCRIPTS = (
-    "start", "finish", "many", "stage", "beat", "stale", "handover", "bump", "fail", "prune",
+    "start", "finish", "many", "batch", "stage", "beat", "stale", "handover", "bump", "fail", "prune",
 )
 
 #: Scripts of the operator commands (:mod:`bridge.ledger.control`); ``control`` has no prelude.

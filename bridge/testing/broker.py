@@ -1,0 +1,173 @@
+"""The handlers' actors on a ``StubBroker`` for the time of a test.
+
+The handler module creates its broker (Redis, RabbitMQ) at import and its actors are bound to it.
+The kit binds every actor of that broker to a :class:`KitBroker` instead, with the module's own
+middleware (Retries with its options, TimeLimit, the team's own middleware), the ledger middleware
+on an in-memory ledger, and an :class:`Observer` that records each run; on exit it binds them back.
+Nothing connects to the module's broker meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import dramatiq.broker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Middleware
+
+from ..codecs import DecodeError
+from ..protocol import OPTION
+from ..record import is_envelope, open_envelope, raw_parts
+from ..registry import Handler, Registry
+from ..worker import LedgerMiddleware, install
+from .results import History, Outcome, Run
+
+logger = logging.getLogger("bridge.testing")
+
+#: Middleware instances whose ``after_process_boot`` ran in this process: it starts threads
+#: (TimeLimit's), which can start only once, and a worker process boots once too.
+_booted: weakref.WeakSet[Middleware] = weakref.WeakSet()
+
+
+class KitBroker(StubBroker):
+    """A ``StubBroker`` that shortens delays (retry backoff, ``Retry(delay=...)``, a delayed
+    ``send_with_options``) to at most ``max_delay_ms``, and remembers the delay each worker thread
+    asked for last, so that a run can report the backoff dramatiq chose."""
+
+    def __init__(self, middleware: list[Middleware], max_delay_ms: int) -> None:
+        super().__init__(middleware)
+        self.max_delay_ms = max_delay_ms
+        self._asked = threading.local()
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        if delay is not None:
+            self._asked.delay = delay
+            delay = min(delay, self.max_delay_ms)
+        return super().enqueue(message, delay=delay)
+
+    def take_asked_delay(self) -> int | None:
+        delay: int | None = getattr(self._asked, "delay", None)
+        self._asked.delay = None
+        return delay
+
+    def idle(self) -> bool:
+        """No message waits in any queue or delay queue, and none is being processed."""
+        return all(queue.unfinished_tasks == 0 for queue in list(self.queues.values()))
+
+
+class Observer(Middleware):
+    """Records every run of a handler. Placed right after the ledger middleware: its
+    ``before_process_message`` sees only records the ledger let start, and its
+    ``after_process_message`` (dramatiq calls those in reverse order) runs after Retries decided
+    and before the ledger lets the next record of the partition (key) start."""
+
+    def __init__(self, history: History, handlers: Registry, max_json_depth: int) -> None:
+        self._history = history
+        self._handlers = handlers
+        self._depth = max_json_depth
+        self._local = threading.local()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self._local.run = None
+        handler = self._handlers.for_actor(message.actor_name)
+        if handler is None or OPTION not in message.options or not is_envelope(message.args, message.kwargs):
+            return
+        env = message.args[0]
+        try:
+            record = open_envelope(env, handler.key_codec, handler.value_codec, self._depth)
+        except DecodeError:
+            return  # failed by the ledger middleware already; it never reaches the actor
+        attempt = int(message.options.get("retries", 0) or 0) + 1
+        started = self._history.started(f"{record.topic}[{record.partition}]@{record.offset}")
+        self._local.run = (record, raw_parts(env)[0], attempt, started)
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        finished = time.monotonic()
+        begun, self._local.run = getattr(self._local, "run", None), None
+        asked = broker.take_asked_delay() if isinstance(broker, KitBroker) else None
+        if begun is None:
+            if exception is not None and message.failed:
+                self._history.failed(message.actor_name, exception)
+            return
+        record, raw_key, attempt, started = begun
+        outcome: Outcome
+        backoff: int | None = None
+        if exception is None:
+            outcome = "done"
+        elif message.failed:
+            outcome = "failed"
+        else:
+            outcome, backoff = "retried", asked
+        self._history.add(Run(record, message.actor_name, attempt, outcome, exception, backoff, started, finished,
+                              raw_key))
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if getattr(self._local, "run", None) is not None:
+            self._local.run = None
+            self._history.stopped()
+
+
+@dataclass
+class Swap:
+    """Actors bound to the kit's broker, and what to restore."""
+
+    broker: KitBroker
+    bindings: list[tuple[dramatiq.Actor[Any, Any], dramatiq.Broker]]
+    previous_global: dramatiq.Broker | None
+
+    def restore(self) -> None:
+        for actor, original in self.bindings:
+            actor.broker = original
+        dramatiq.broker.global_broker = self.previous_global
+        self.broker.flush_all()
+
+
+def _kept(brokers: Iterable[dramatiq.Broker]) -> list[Middleware]:
+    """The module's middleware, one of each type, without the ledger middleware (the kit brings
+    its own) and Prometheus (it serves metrics on a fixed port)."""
+    kept: list[Middleware] = []
+    for broker in brokers:
+        for middleware in broker.middleware:
+            if isinstance(middleware, LedgerMiddleware) or type(middleware).__name__ == "Prometheus":
+                continue
+            if not any(type(m) is type(middleware) for m in kept):
+                kept.append(middleware)
+    return kept
+
+
+def swap_in(handlers: Iterable[Handler], ledger: LedgerMiddleware, observer: Observer, max_delay_ms: int) -> Swap:
+    """Bind every actor of the handlers' brokers to a new :class:`KitBroker` and make it the global
+    broker."""
+    originals: list[dramatiq.Broker] = []
+    for handler in handlers:
+        if not any(handler.actor.broker is b for b in originals):
+            originals.append(handler.actor.broker)
+    kept = _kept(originals)
+    broker = KitBroker(kept, max_delay_ms)
+    install(broker, ledger)
+    broker.add_middleware(observer, after=LedgerMiddleware)
+    for middleware in kept:
+        if middleware not in _booted:
+            _booted.add(middleware)
+            try:
+                middleware.after_process_boot(broker)
+            except RuntimeError as e:  # booted by the test suite already (a thread starts only once)
+                logger.debug("%r was booted already: %s", middleware, e)
+    bindings: list[tuple[dramatiq.Actor[Any, Any], dramatiq.Broker]] = []
+    for original in originals:
+        for actor in list(original.actors.values()):
+            bindings.append((actor, original))
+            actor.broker = broker
+            broker.declare_actor(actor)
+    swap = Swap(broker, bindings, dramatiq.broker.global_broker)
+    dramatiq.set_broker(broker)
+    return swap
