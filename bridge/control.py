@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .batching import BatchState
 from .clock import Every
 from .deadletter import DeadLetterRouter
 from .ledger import Ledger
@@ -28,6 +29,13 @@ logger = logging.getLogger("bridge")
 
 #: Seconds between looks at the ledger for commands.
 LOOK_INTERVAL = 0.5
+
+#: Why the ledger did not give a record up (lua/skip.lua's codes).
+_CHANGED = {
+    0: "{where} finished meanwhile",
+    2: "{where} failed for good meanwhile; its dead letter is on its way",
+    3: "{where}: {owner} has a newer owner; run the command again",
+}
 
 
 class Control:
@@ -148,7 +156,9 @@ class Control:
         if ordered:
             # Records staged behind it wait for its end, which may never come: they go out again.
             self._take_back(owned)
-        if ordered and entry.dispatched and not state.is_head(entry):
+        # A batch runs as one call: its records are given up together.
+        batch = state.batch_of(entry) if isinstance(state, BatchState) and entry.dispatched else []
+        if not batch and ordered and entry.dispatched and not state.is_head(entry):
             return False, (
                 f"{where} waits on its lane behind {owned.where}@{entry.prev}, which has not finished; skip that "
                 "one first, or this one once it runs"
@@ -158,19 +168,21 @@ class Control:
             "attempts": entry.attempts,
             "actor": owned.handler.name,
         }
-        code = self.store.skip(owned.keys, offset, state.epoch, {**detail, "reason": Reason.SKIPPED.value})
-        if code == 0:
-            return False, f"{where} finished meanwhile"
-        if code == 2:
-            return False, f"{where} failed for good meanwhile; its dead letter is on its way"
-        if code == 3:
-            return False, f"{where}: {owned.where} has a newer owner; run the command again"
-        state.withdraw(entry)
-        self._router.fail(owned, entry, now, Reason.SKIPPED.value, detail)
+        given = []
+        for member in batch or [entry]:
+            code = self.store.skip(owned.keys, member.offset, state.epoch, {**detail, "reason": Reason.SKIPPED.value})
+            if code == 1:
+                given.append(member)
+            elif member is entry:
+                return False, _CHANGED.get(code, "{where} changed meanwhile").format(where=where, owner=owned.where)
+        for member in given:
+            state.withdraw(member)
+            self._router.fail(owned, member, now, Reason.SKIPPED.value, detail)
         target = owned.dead_letter_topic
         letter = f"its dead letter goes to {target} with reason skipped" if target else "dead-lettering is off for it"
-        return True, f"{where} given up ({entry.attempts} dispatch(es)): {letter}; the commit moves past it once " \
-            "that is done"
+        with_batch = f" with the {len(given)} records of its batch" if len(given) > 1 else ""
+        return True, f"{where} given up{with_batch} ({entry.attempts} dispatch(es)): {letter}; the commit moves " \
+            "past it once that is done"
 
     def _refusal(self, owned: Owned, offset: int) -> str | None:
         """Why the record at ``offset`` cannot be skipped, or None."""

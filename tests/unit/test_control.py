@@ -8,6 +8,7 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
+from bridge.batching import BatchState
 from bridge.completions import Completions
 from bridge.control import Control
 from bridge.dispatch import Dispatcher
@@ -16,6 +17,8 @@ from bridge.ledger import Beats, Ledger, Progress, Try
 from bridge.ledger.control import Command, ControlStore, Pause
 from bridge.owned import Owned, Partitions
 from bridge.protocol import registration_json
+from bridge.record import envelope
+from bridge.registry import BatchOptions
 from bridge.stats import Stats
 from tests.unit.parts import GROUP, RecordingRouter, T, deliver, ledger, owned, settings
 from tests.unit.test_loop import make_world
@@ -299,3 +302,21 @@ def test_a_bridge_honours_a_pause_recorded_before_it_was_assigned_the_partition(
     world.bridge.stop()
     world.bridge.run()
     assert store.bridges() == [], "a stopped bridge no longer counts as running"
+
+
+def test_a_skip_of_a_record_of_a_running_batch_gives_up_the_whole_batch_and_the_next_one_goes_out() -> None:
+    rooms = Rooms()
+    partition = rooms.own(ordering="partition")
+    partition.state = BatchState(options=BatchOptions(3, 0.0, "partition"), ordering="partition",
+                                 epoch=partition.state.epoch, max_bytes=1 << 20, start_offset=0)
+    for o in range(6):
+        partition.state.deliver(o, b"k", envelope(T, 0, o, b"k", b"v", None, None), 2)
+    assert [e.offset for e in partition.state.take_ready(100)] == [0, 1, 2]
+    epoch = partition.state.epoch
+    assert rooms.ledger.start(partition.keys, Try(0, epoch, 1, 0, "batch"), "w")[0] == "run"
+    answer = skip_request(rooms, 1)
+    assert answer["ok"], answer
+    assert answer["message"].startswith("orders[0]@1 given up with the 3 records of its batch")
+    assert [(o, reason) for o, reason, _ in rooms.router.failed] == [(0, "skipped"), (1, "skipped"), (2, "skipped")]
+    assert not rooms.ledger.client.hexists(partition.keys.running, 0), "the batch's copy no longer holds anything"
+    assert rooms.lane(partition) == [3, 4, 5], "the next batch went out in the same round"
