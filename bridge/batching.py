@@ -204,9 +204,10 @@ def flush(partitions: Sequence[Owned]) -> list[Owned]:
 
 
 def holding(owned: Owned) -> bool:
-    """A flushed partition still holds records not dispatched."""
+    """A flushed partition still holds records not dispatched (and will dispatch them: a partition
+    an operator paused dispatches nothing)."""
     state = owned.state
-    return isinstance(state, BatchState) and state.flushing and state.held() > 0
+    return isinstance(state, BatchState) and state.flushing and state.held() > 0 and not owned.held
 
 
 # -- messages ---------------------------------------------------------------------------------

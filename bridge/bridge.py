@@ -5,11 +5,12 @@ rebalance and commit callbacks from inside ``consume()`` on that same thread, so
 needs no locks. The only cross-thread input is :meth:`Bridge.stop`, a flag; the HTTP server
 reads the immutable view the loop publishes.
 
-One round: intake (:mod:`bridge.intake`), assignments and handovers (:mod:`bridge.assignments`),
-completions (:mod:`bridge.completions`), dead letters (:mod:`bridge.deadletter`), dispatch
-(:mod:`bridge.dispatch`), flow control (:mod:`bridge.flow`), commits (:mod:`bridge.commit`) and
-reporting (:mod:`bridge.reporting`). When the ledger or the task broker stops answering, the
-bridge pauses every partition and keeps polling, so it stays in the consumer group.
+One round: intake (:mod:`bridge.intake`), operator commands (:mod:`bridge.control`), assignments
+and handovers (:mod:`bridge.assignments`), completions (:mod:`bridge.completions`), dead letters
+(:mod:`bridge.deadletter`), dispatch (:mod:`bridge.dispatch`), flow control (:mod:`bridge.flow`),
+commits (:mod:`bridge.commit`) and reporting (:mod:`bridge.reporting`). When the ledger or the task
+broker stops answering, the bridge pauses every partition and keeps polling, so it stays in the
+consumer group.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .clock import Clock, Every, SystemClock
 from .commit import Committer
 from .completions import Completions
 from .consumer import KafkaConsumer, await_topics, client_error, consumer_config, is_cooperative
+from .control import Control
 from .deadletter import DeadLetterRouter, DeadLetters
 from .dispatch import Dispatcher
 from .errors import ConfigurationError, FatalError, TaskBrokerUnavailable
@@ -111,6 +113,7 @@ class Bridge:
         timestamps = TimestampReader(settings, consumer_factory=consumer_factory)
         self.reporting = Reporting(settings, self.ledger, self.consumer, self.partitions, self.stats, self.metrics,
                                    self.instance, timestamps=timestamps)
+        self.control = Control(settings, self.ledger, self.partitions, self.router, self.instance)
         self._due = {
             "ping": Every(1.0), "upkeep": Every(settings.lane_refresh_interval), "handover": Every(0.05),
             "redispatch": Every(1.0), "commit": Every(settings.commit_interval),
@@ -210,6 +213,7 @@ class Bridge:
         if not len(self.partitions) and due["ping"].due(now):
             self.ledger.ping()  # nothing owned makes no ledger calls; readiness must still notice an outage
         self.assignments.setup_pending(now)
+        self.control.tick(now)
         if due["upkeep"].due(now):
             self.assignments.upkeep()
         if due["handover"].due(now):
@@ -279,6 +283,7 @@ class Bridge:
         try:
             self.reporting.progress(self.clock.monotonic())
             self.reporting.publish_status(self.clock.monotonic())
+            self.control.leave()
         except _OUTAGES as e:
             logger.warning("could not publish the final status: %s", e)
 

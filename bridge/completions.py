@@ -15,6 +15,7 @@ from .deadletter import DeadLetterRouter
 from .finishes import Announcements
 from .ledger import Ledger, Progress
 from .owned import Owned, Partitions
+from .partition import Entry
 from .probe import Probe
 from .protocol import Reason, failure_epoch
 from .stats import Stats
@@ -73,13 +74,18 @@ class Completions:
 
     def apply(self, owned: Owned, progress: Progress, now: float) -> None:
         """Mark done facts; route final failures that belong to this owner's records."""
-        new = owned.state.mark_done(progress.done)
+        done = progress.done
+        if owned.letters.failing:
+            # A skipped record stays given up even if its abandoned copy still succeeds: its dead
+            # letter is written and settles it.
+            done = [o for o in done if not _skipped(owned.letters.failing.get(o))]
+        new = owned.state.mark_done(done)
         self._stats.add("done", owned.topic, new)
         if self._probe and new:
-            self._probe.event("done", t=owned.topic, p=owned.partition, offsets=progress.done)
+            self._probe.event("done", t=owned.topic, p=owned.partition, offsets=done)
             self._probe.point("after-done")
         if owned.letters.failing:
-            for offset in progress.done:
+            for offset in done:
                 owned.letters.failing.pop(offset, None)  # a later copy succeeded: no dead letter needed
         for offset, detail in sorted(progress.failed.items()):
             entry = owned.state.entry(offset)
@@ -92,3 +98,7 @@ class Completions:
                 logger.debug("%s@%d: ignoring a failure of epoch %d", owned.where, offset, epoch)
                 continue
             self._router.fail(owned, entry, now, reason_of(detail), detail)
+
+
+def _skipped(entry: Entry | None) -> bool:
+    return entry is not None and entry.failure is not None and entry.failure.get("reason") == Reason.SKIPPED

@@ -116,6 +116,11 @@ def status_key(group: str) -> str:
     return f"kdb:{{{_tag_safe(group)}}}:status"
 
 
+def group_key(group: str, name: str) -> str:
+    """A key of the whole group (operator commands, bridges' presence): one hash slot per group."""
+    return f"kdb:{{{_tag_safe(group)}}}:{name}"
+
+
 def lane_name(group: str, topic: str, partition: int) -> str:
     """The dramatiq queue that carries one partition's records for one consumer group."""
     return f"kdb.{_UNSAFE.sub('_', group)}.{topic}.{partition}"

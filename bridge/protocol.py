@@ -49,6 +49,7 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too-large"
     #: Its workers kept dying while running it (``max_redispatches``).
     STUCK = "stuck"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, slots=True)

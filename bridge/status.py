@@ -146,7 +146,7 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
 
 
 _COLUMNS = ("topic", "partition", "committed", "end", "lag", "lag_s", "in_flight", "oldest_age_s", "holding_offset",
-            "holding_age_s", "owner", "reported_s_ago")
+            "holding_age_s", "owner", "reported_s_ago", "paused_at")
 
 
 def _title(column: str) -> str:
