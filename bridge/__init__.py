@@ -1,6 +1,7 @@
 """kafka-dramatiq-bridge: process Kafka topics with dramatiq actors, committing offsets only after
 the task has finished."""
 
+from .batch import BatchFailed
 from .errors import (
     BridgeError,
     ConfigurationError,
@@ -26,6 +27,7 @@ __all__ = [  # noqa: RUF022 - grouped by what they are for
     "LedgerUnavailable",
     "RecoverableError",
     # Handlers
+    "BatchFailed",
     "Record",
     "current_record",
     "kafka_handler",

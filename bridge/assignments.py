@@ -18,13 +18,15 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
 
+from .batching import BatchState
 from .commit import Committer
 from .completions import reason_of
 from .deadletter import DeadLetterRouter
 from .enqueue import pipelined
 from .errors import FatalError, KafkaUnavailable, LedgerUnavailable
 from .flow import Flow
-from .keys import PartitionKeys, lane_name
+from .keys import PartitionKeys
+from .lanes import lane_of
 from .ledger import Ledger, LedgerError
 from .ledger.connection import home
 from .logs import coordinates
@@ -89,6 +91,10 @@ class Assignments:
     def _live(self) -> float:
         return 3 * self._settings.heartbeat_interval
 
+    def _lane(self, topic: str, partition: int) -> str:
+        settings = self._settings
+        return lane_of(settings.group_id, settings.lanes, self._handlers[topic], topic, partition)
+
     # -- rebalance callbacks ----------------------------------------------------------------
 
     def on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -106,7 +112,7 @@ class Assignments:
             epochs = self._ledger.bump_epochs(
                 {k: (max(tp.offset, -1), e) for k, tp, e in zip(keys, committed, known, strict=True)}
             )
-            self._ledger.open_lanes({lane_name(group, tp.topic, tp.partition): tp.topic for tp in committed})
+            self._ledger.open_lanes({self._lane(tp.topic, tp.partition): tp.topic for tp in committed})
         except LedgerError as e:
             logger.error("%s; newly assigned partitions stay paused until the ledger answers", e)
             if isinstance(e, FatalError):
@@ -124,16 +130,11 @@ class Assignments:
                 partition=tp.partition,
                 handler=handler,
                 keys=pkeys,
-                lane=lane_name(group, tp.topic, tp.partition),
+                lane=self._lane(tp.topic, tp.partition),
                 window=handler.window or self._settings.window,
                 dead_letter_topic=handler.dead_letter_for(tp.topic),
-                stages=handler.ordering != "none" and pipelined(handler.actor.broker),
-                state=PartitionState(
-                    ordering=handler.ordering,
-                    epoch=epochs[i] if epochs else 0,
-                    start_offset=start if start >= 0 else None,
-                    depth=self._settings.lane_depth,
-                ),
+                stages=handler.ordering != "none" and pipelined(handler.actor.broker) and handler.batch is None,
+                state=self._state(handler, epochs[i] if epochs else 0, start if start >= 0 else None),
                 start_offset=start,
                 assignment=Assignment(
                     needs_setup=epochs is None, handover_deadline=now + self._settings.handover_timeout
@@ -165,6 +166,13 @@ class Assignments:
         self._stats.rebalance("assigned")
         for tp in committed:
             self._hooks.run_hooks("assigned", tp.topic, tp.partition, group)
+
+    def _state(self, handler: Handler, epoch: int, start: int | None) -> PartitionState:
+        if handler.batch is not None:
+            return BatchState(options=handler.batch, ordering=handler.ordering, epoch=epoch, start_offset=start,
+                              max_bytes=self._settings.max_message_bytes)
+        return PartitionState(ordering=handler.ordering, epoch=epoch, start_offset=start,
+                              depth=self._settings.lane_depth)
 
     def on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = [o for tp in partitions if (o := self._partitions.get(tp.topic, tp.partition)) is not None]

@@ -5,11 +5,12 @@ rebalance and commit callbacks from inside ``consume()`` on that same thread, so
 needs no locks. The only cross-thread input is :meth:`Bridge.stop`, a flag; the HTTP server
 reads the immutable view the loop publishes.
 
-One round: intake (:mod:`bridge.intake`), assignments and handovers (:mod:`bridge.assignments`),
-completions (:mod:`bridge.completions`), dead letters (:mod:`bridge.deadletter`), dispatch
-(:mod:`bridge.dispatch`), flow control (:mod:`bridge.flow`), commits (:mod:`bridge.commit`) and
-reporting (:mod:`bridge.reporting`). When the ledger or the task broker stops answering, the
-bridge pauses every partition and keeps polling, so it stays in the consumer group.
+One round: intake (:mod:`bridge.intake`), operator commands (:mod:`bridge.control`), assignments
+and handovers (:mod:`bridge.assignments`), completions (:mod:`bridge.completions`), dead letters
+(:mod:`bridge.deadletter`), dispatch (:mod:`bridge.dispatch`), flow control (:mod:`bridge.flow`),
+commits (:mod:`bridge.commit`) and reporting (:mod:`bridge.reporting`). When the ledger or the task
+broker stops answering, the bridge pauses every partition and keeps polling, so it stays in the
+consumer group.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from . import lanes
 from .assignments import Assignments
+from .batching import check_batch_handlers, flush, holding
 from .clock import Clock, Every, SystemClock
 from .commit import Committer
 from .completions import Completions
 from .consumer import KafkaConsumer, await_topics, client_error, consumer_config, is_cooperative
+from .control import Control
 from .deadletter import DeadLetterRouter, DeadLetters
 from .dispatch import Dispatcher
 from .errors import ConfigurationError, FatalError, TaskBrokerUnavailable
+from .finishes import Announcements
 from .flow import Flow
 from .intake import Intake
 from .ledger import Ledger, LedgerError, connect
@@ -41,6 +46,7 @@ from .registry import Handler, Registry, registry
 from .reporting import Reporting
 from .settings import Settings
 from .stats import Stats
+from .timelag import TimestampReader
 
 logger = logging.getLogger("bridge")
 
@@ -65,7 +71,9 @@ class Bridge:
     ) -> None:
         if not handlers:
             raise ConfigurationError("no Kafka handlers registered")
+        check_batch_handlers(settings, handlers)
         self.settings, self.handlers = settings, dict(handlers)
+        lanes.check(settings.lanes, self.handlers.values())
         self.clock = clock or SystemClock()
         self.ledger = ledger or Ledger(connect(settings.redis_url))
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
@@ -92,7 +100,8 @@ class Bridge:
         self.committer.consumer = self.consumer
         self.flow = Flow(self.consumer, settings, self.partitions)
         self.router = DeadLetterRouter(settings, self.ledger, self.partitions, self.stats, dead_letters)
-        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe)
+        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe,
+                                       Announcements(self.ledger.client))
         self.intake = Intake(settings, self.partitions, self.router, self.stats)
         self.dispatcher = Dispatcher(settings, self.ledger, self.partitions, self.router, self.completions,
                                      self.stats, self.probe)
@@ -101,8 +110,10 @@ class Bridge:
                                        self.halt, now)
         self.assignments.cooperative = is_cooperative(config)
         self.assignments.drain = self._drain_revoked
+        timestamps = TimestampReader(settings, consumer_factory=consumer_factory)
         self.reporting = Reporting(settings, self.ledger, self.consumer, self.partitions, self.stats, self.metrics,
-                                   self.instance)
+                                   self.instance, timestamps=timestamps)
+        self.control = Control(settings, self.ledger, self.partitions, self.router, self.instance)
         self._due = {
             "ping": Every(1.0), "upkeep": Every(settings.lane_refresh_interval), "handover": Every(0.05),
             "redispatch": Every(1.0), "commit": Every(settings.commit_interval),
@@ -167,6 +178,8 @@ class Bridge:
         if self._stop_deadline is None:
             self._stop_deadline = self.clock.monotonic()  # no draining any more
         self.consumer.close()
+        self.completions.close()
+        self.reporting.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -200,6 +213,7 @@ class Bridge:
         if not len(self.partitions) and due["ping"].due(now):
             self.ledger.ping()  # nothing owned makes no ledger calls; readiness must still notice an outage
         self.assignments.setup_pending(now)
+        self.control.tick(now)
         if due["upkeep"].due(now):
             self.assignments.upkeep()
         if due["handover"].due(now):
@@ -222,15 +236,21 @@ class Bridge:
         """Let the dispatched records of ``partitions`` finish and their dead letters be written,
         until ``deadline``, dispatching nothing new; at least one round reads what is done. ``poll``:
         keep polling Kafka meanwhile (a consumer that stops polling is evicted); not from inside a
-        rebalance callback."""
+        rebalance callback. Batch handlers' partitions send their partial batches at once, and those
+        are drained too."""
+        flushed = flush(partitions)
         try:
             while True:
                 now = self.clock.monotonic()
                 self.router.collect()
                 self.router.settle(now)
                 self.completions.read(now, partitions)
+                if flushed:
+                    self.dispatcher.dispatch(now, flushed)
                 self.router.send_due(now)
-                if now >= deadline or not any(o.state.dispatched_open or o.letters.failing for o in partitions):
+                if now >= deadline or not any(
+                    o.state.dispatched_open or o.letters.failing or holding(o) for o in partitions
+                ):
                     return
                 if poll:
                     for message in self.consumer.consume(num_messages=self.settings.poll_batch, timeout=0):
@@ -263,6 +283,7 @@ class Bridge:
         try:
             self.reporting.progress(self.clock.monotonic())
             self.reporting.publish_status(self.clock.monotonic())
+            self.control.leave()
         except _OUTAGES as e:
             logger.warning("could not publish the final status: %s", e)
 

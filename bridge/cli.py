@@ -1,4 +1,5 @@
-"""Command line: ``kafka-dramatiq-bridge run|status MODULE [MODULE ...]``."""
+"""Command line: ``kafka-dramatiq-bridge run|status MODULE [MODULE ...]``, ``replay``, and the
+operator commands ``pause``, ``resume``, ``skip`` and ``reset-offsets`` (:mod:`bridge.commands`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from .commands import OPERATOR_COMMANDS, add_parsers, mark_pauses
+from .commands import run as run_operator
 from .errors import BridgeError, ConfigurationError
 from .logs import configure, redactor, secrets_of
 from .registry import Handler, handlers_by_topic
@@ -41,6 +44,16 @@ examples:
   # send the records of a dead-letter topic back to the topic they came from
   kafka-dramatiq-bridge replay orders.dlq
   kafka-dramatiq-bridge replay orders.dlq --to orders-retry --limit 100 --json
+
+  # dispatch nothing of orders[3] (every bridge of the group), then go on
+  kafka-dramatiq-bridge pause orders:3
+  kafka-dramatiq-bridge resume orders:3
+
+  # give up the record that holds orders[3]: dead-letter it with reason skipped
+  kafka-dramatiq-bridge skip orders:3:1741
+
+  # with every bridge of the group stopped: process orders again from a point in time
+  kafka-dramatiq-bridge reset-offsets orders --to-datetime 2026-03-01T09:00:00Z --dry-run
 
 Every option can also be set in the environment as BRIDGE_<NAME> (BRIDGE_GROUP_ID, ...).
 """
@@ -94,7 +107,18 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         else:
             sub.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_parsers(commands, _settings_flags, EPILOG)
     return parser
+
+
+def _settings_flags(sub: argparse.ArgumentParser) -> None:
+    """The flags of the settings an operator command reads (those of ``status``)."""
+    sub.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (BRIDGE_BOOTSTRAP_SERVERS)")
+    sub.add_argument("--group-id", help="consumer group (BRIDGE_GROUP_ID)")
+    sub.add_argument("--redis-url", help="ack ledger Redis URL (BRIDGE_REDIS_URL)")
+    sub.add_argument("-X", dest="kafka", action="append", default=[], metavar="NAME=VALUE",
+                     help="librdkafka property, repeatable (BRIDGE_KAFKA as a JSON object)")
+    sub.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(BRIDGE_LOG_LEVEL)")
 
 
 def _kafka_properties(pairs: Sequence[str]) -> dict[str, str] | None:
@@ -181,7 +205,14 @@ def _run(settings: Settings, handlers: dict[str, Handler]) -> int:
 def _status(settings: Settings, handlers: dict[str, Handler], as_json: bool) -> int:
     from .status import collect, render
 
-    print(redactor(render(collect(settings, handlers), as_json)))
+    rows = collect(settings, handlers)
+    mark_pauses(settings, rows)
+    print(redactor(render(rows, as_json)))
+    return RET_OK
+
+
+def _operator(settings: Settings, args: argparse.Namespace) -> int:
+    print(redactor(run_operator(settings, args)))
     return RET_OK
 
 
@@ -228,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure(settings.log_level, settings.log_format)
         if args.command == "replay":
             return _replay(settings, args)
+        if args.command in OPERATOR_COMMANDS:
+            return _operator(settings, args)
         handlers = load_handlers(args.modules, args.path)
         if args.command == "run":
             return _run(settings, handlers)

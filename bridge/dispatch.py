@@ -5,7 +5,7 @@ the ledger first, so that their successors start at once), stages the records th
 unfinished predecessor (pipelined ordered lanes on the Redis broker) and enqueues the rest: one
 ledger round trip and one pipeline per broker for each chunk of ``BRIDGE_ENQUEUE_BATCH``.
 Re-dispatch looks at records that showed no progress for ``BRIDGE_REDISPATCH_TIMEOUT``, for every
-partition in one round trip.
+partition in one round trip; the ledger gives up the ones whose workers kept dying (:mod:`bridge.stuck`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 
 from . import protocol
+from .batching import BatchState, batch_message, chunks, runs
 from .completions import Completions
 from .deadletter import DeadLetterRouter
 from .enqueue import enqueue_many
@@ -29,6 +30,7 @@ from .probe import Probe
 from .protocol import OPTION, Meta, Reason, staged_value
 from .settings import Settings
 from .stats import Stats
+from .stuck import give_up
 
 logger = logging.getLogger("bridge")
 
@@ -65,8 +67,8 @@ class Dispatcher:
         """How recent a worker's sign of life must be (three heartbeats, as the workers judge it)."""
         return 3 * self._settings.heartbeat_interval
 
-    def dispatch(self, now: float) -> None:
-        """Dispatch what the windows and ``BRIDGE_MAX_IN_FLIGHT`` allow.
+    def dispatch(self, now: float, only: Iterable[Owned] | None = None) -> None:
+        """Dispatch what the windows and ``BRIDGE_MAX_IN_FLIGHT`` allow (of ``only`` when given).
 
         Raises:
           LedgerUnavailable, TaskBrokerUnavailable: records not surely on their lanes are put back
@@ -77,7 +79,7 @@ class Dispatcher:
         batch: list[Send] = []
         refused: list[tuple[Owned, Entry, dict[str, Any]]] = []
         taken_all: list[tuple[Owned, Entry]] = []
-        for owned in self._partitions:
+        for owned in only if only is not None else self._partitions:
             if room <= 0:
                 break
             if not owned.active or not owned.state.has_ready():
@@ -135,17 +137,33 @@ class Dispatcher:
             return
         # Completion notices are a fast path; the done facts themselves decide. Liveness is
         # judged on the ledger's clock, and a scheduled retry is alive until its eta.
-        answers = self._ledger.stale({k: [e.offset for e in found] for k, (_, found) in candidates.items()}, timeout)
+        limits = {k: (o.handler.max_redispatches, o.state.epoch) for k, (o, _) in candidates.items()}
+        answers = self._ledger.stale({k: [e.offset for e in found] for k, (_, found) in candidates.items()}, timeout,
+                                     limits, self._live)
         again: list[Send] = []
+        successors: list[Send] = []
         for keys, answer in answers.items():
             owned, found = candidates[keys]
             for entry in found:
                 entry.checked_at = now
             self._completions.apply(owned, answer.progress, now)
             for entry in found:
+                if entry.offset in answer.stuck:
+                    successors += [(owned, s, 1) for s in give_up(self._router, owned, entry,
+                                                                  answer.stuck[entry.offset], now)]
+                    continue
                 attempt = answer.again.get(entry.offset)
                 if attempt is not None and not entry.done and entry.failure is None:
-                    again.append((owned, entry, attempt))
+                    if isinstance(owned.state, BatchState):
+                        # The whole batch goes again, its copies registered under this record.
+                        again.extend((owned, e, attempt) for e in owned.state.rebatch(entry))
+                    else:
+                        again.append((owned, entry, attempt))
+        if successors:
+            try:
+                self.enqueue(successors)
+            except PartialDispatch as e:
+                raise e.cause from None
         if not again:
             return
         named = ", ".join(f"{o.where}@{e.offset}" for o, e, _ in again[:_NAMED])
@@ -177,9 +195,8 @@ class Dispatcher:
         Raises:
           PartialDispatch: with how many records are surely out.
         """
-        chunk = self._settings.enqueue_batch
-        for start in range(0, len(batch), chunk):
-            part = batch[start : start + chunk]
+        for start, end in chunks(batch, self._settings.enqueue_batch):
+            part = batch[start:end]
             try:
                 lane = self._stage(part)
             except LedgerUnavailable as e:
@@ -189,8 +206,9 @@ class Dispatcher:
                 by_broker.setdefault(id(part[i][0].handler.actor.broker), []).append(i)
             for indexes in by_broker.values():
                 broker = part[indexes[0]][0].handler.actor.broker
+                sends = [part[i] for i in indexes]
                 try:
-                    enqueue_many(broker, [self.message(*part[i]) for i in indexes])
+                    enqueue_many(broker, [self._message(sends[a:b]) for a, b in runs(sends)])
                 except PartialDispatch as e:
                     raise PartialDispatch(start, e.cause) from e
             if self._probe:
@@ -220,9 +238,19 @@ class Dispatcher:
             options={OPTION: meta.to_option()},
         )
 
+    def _message(self, sends: list[Send]) -> dramatiq.Message[Any]:
+        owned, entry, attempt = sends[0]
+        if owned.handler.batch is None:
+            return self.message(owned, entry, attempt)
+        return batch_message(self._settings.group_id, owned, [e for _, e, _ in sends], attempt)
+
     def _count(self, batch: list[Send]) -> None:
         for owned, _, _ in batch:
             self._stats.add("dispatched", owned.topic)
+        for start, end in runs(batch):
+            owned = batch[start][0]
+            if owned.handler.batch is not None:
+                self._stats.batch(owned.topic, end - start)
 
     def _stage(self, part: list[Send]) -> list[int]:
         """Stage the records of ``part`` that wait for an unfinished predecessor; the indexes of

@@ -3,8 +3,9 @@
 dramatiq has no batch enqueue: ``broker.enqueue`` costs one round trip per message. For the Redis
 broker the bridge writes a whole batch in one atomic round trip, laid out exactly as the broker's
 own enqueue does it (the message body in ``<namespace>:<queue>.msgs`` under a fresh id, then the id
-at the tail of ``<namespace>:<queue>``), with the same middleware hooks; any other broker gets
-``enqueue`` per message.
+at the tail of ``<namespace>:<queue>``), with the same middleware hooks, and publishes a wake-up for
+each lane's idle consumers (:mod:`bridge.worker.waker`); any other broker gets ``enqueue`` per
+message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 from .errors import PartialDispatch, TaskBrokerUnavailable
+from .keys import WAKE_PREFIX
 
 
 def _failed(sent: int, messages: Sequence[dramatiq.Message[Any]], error: Exception) -> PartialDispatch:
@@ -60,6 +62,8 @@ def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[An
                 name = f"{redis_broker.namespace}:{queue}"
                 pipe.hset(f"{name}.msgs", mapping=bodies)
                 pipe.rpush(name, *ids)
+                # Idle consumers of the lane fetch at once instead of at their next poll.
+                pipe.publish(WAKE_PREFIX + queue, b"")
             pipe.execute()
     except Exception as e:
         raise _failed(0, messages, e) from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "BridgeError",
+    "CommandRefused",
     "ConfigurationError",
     "FatalError",
     "HandlerError",
@@ -108,6 +109,13 @@ class KafkaAccessDenied(FatalError):
     Retrying cannot fix it, so the bridge stops without waiting for running records."""
 
     exit_code = 6
+
+
+class CommandRefused(BridgeError):
+    """An operator command that cannot be applied as asked (the offset is committed already, a
+    bridge of the group runs, ...); the message says why. Nothing was changed."""
+
+    exit_code = 8
 
 
 class OffsetOutOfRange(FatalError):

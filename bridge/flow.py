@@ -1,8 +1,9 @@
 """Flow control: the only code that pauses and resumes the consumption of partitions.
 
 A partition is paused while its window is full, while all partitions together hold
-``BRIDGE_MAX_IN_FLIGHT`` records, before its epoch could be recorded, and during a ledger or
-task-broker outage. Pausing is not idling: the loop keeps polling, so the group keeps the bridge.
+``BRIDGE_MAX_IN_FLIGHT`` records, before its epoch could be recorded, while an operator holds it
+(``kafka-dramatiq-bridge pause``), and during a ledger or task-broker outage. Pausing is not
+idling: the loop keeps polling, so the group keeps the bridge.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class Flow:
             self.pause(owned)
 
     def apply_backpressure(self) -> None:
-        """Pause a partition at its window, every partition at the global cap; resume below."""
+        """Pause a partition at its window, every partition at the global cap, a partition an
+        operator holds; resume the others."""
         over_total = self._partitions.open() >= self._settings.max_in_flight
         for owned in self._partitions:
-            want = over_total or owned.state.open >= owned.window or owned.assignment.needs_setup
+            want = over_total or owned.state.open >= owned.window or owned.assignment.needs_setup or owned.held
             if want != owned.paused:
                 (self._consumer.pause if want else self._consumer.resume)([owned.tp])
                 owned.paused = want

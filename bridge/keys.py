@@ -16,6 +16,11 @@ LANES_KEY = "kdb:lanes"
 #: partitions nobody owns any more (a deleted topic) leave the registry after a while.
 LANES_SEEN_KEY = "kdb:lanes:seen"
 
+#: Pub/sub channel prefix: the bridge publishes ``WAKE_PREFIX + lane`` on the task broker's Redis
+#: when it puts records on a lane, and idle consumers of that lane fetch at once.
+WAKE_PREFIX = "kdb:wake:"
+WAKE_PATTERN = WAKE_PREFIX + "*"
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -76,6 +81,11 @@ class PartitionKeys:
         return f"{self.prefix}:next"
 
     @property
+    def died(self) -> str:
+        """Hash of offset -> how many copies of the record died while running (max_redispatches)."""
+        return f"{self.prefix}:died"
+
+    @property
     def script_keys(self) -> list[str]:
         """Every key of the partition, in the order the ledger's scripts take them (lua/common.lua)."""
         return [
@@ -88,6 +98,7 @@ class PartitionKeys:
             self.fresh,
             self.beats,
             self.staged,
+            self.died,
         ]
 
     @property
@@ -105,6 +116,17 @@ def status_key(group: str) -> str:
     return f"kdb:{{{_tag_safe(group)}}}:status"
 
 
+def group_key(group: str, name: str) -> str:
+    """A key of the whole group (operator commands, bridges' presence): one hash slot per group."""
+    return f"kdb:{{{_tag_safe(group)}}}:{name}"
+
+
 def lane_name(group: str, topic: str, partition: int) -> str:
     """The dramatiq queue that carries one partition's records for one consumer group."""
     return f"kdb.{_UNSAFE.sub('_', group)}.{topic}.{partition}"
+
+
+def topic_lane_name(group: str, topic: str) -> str:
+    """The dramatiq queue that carries every partition's records of ``topic`` for one consumer
+    group. It ends in ``.all``, where a partition's lane ends in its number: never the same queue."""
+    return f"kdb.{_UNSAFE.sub('_', group)}.{topic}.all"

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from .stats import Stats
+from .stats import BATCH_SIZE_BUCKETS, Stats
 
 PREFIX = "kafka_dramatiq_bridge_"
 
@@ -26,6 +26,7 @@ _RECORD_COUNTERS = (
     ("failed", "records_failed", "Records that failed finally (retries exhausted, undecodable, too large)."),
     ("dead_lettered", "records_dead_lettered", "Failed records written to their dead-letter topic."),
     ("redispatched", "records_redispatched", "Records dispatched again after showing no sign of life."),
+    ("batches", "batches_dispatched", "Batch messages put on their lanes (first dispatch of each; batch handlers)."),
 )
 
 
@@ -38,6 +39,12 @@ class PartitionView:
     in_flight: int
     oldest_unfinished_age: float | None
     paused: bool
+    #: Now minus the timestamp of the oldest record not yet committed; 0 when caught up, None
+    #: while unknown.
+    lag_seconds: float | None = None
+    #: The record holding the partition (:mod:`bridge.stuck`) and seconds since its dispatch.
+    holding_offset: int | None = None
+    holding_age: float | None = None
 
     @property
     def lag(self) -> int | None:
@@ -98,6 +105,7 @@ class Metrics(Collector):
                 if kind == counter:
                     family.add_metric([topic], value)
             yield family
+        yield _batch_sizes(self.stats)
         rebalances = CounterMetricFamily(
             PREFIX + "rebalances", "Rebalance events: partitions assigned, revoked or lost.", labels=["event"]
         )
@@ -115,6 +123,19 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, text, value=value)
 
 
+def _batch_sizes(stats: Stats) -> Metric:
+    family = HistogramMetricFamily(
+        PREFIX + "batch_size_records", "Records per batch message (batch handlers), per topic.", labels=["topic"]
+    )
+    for topic, (counts, total) in sorted(stats.batch_sizes.copy().items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, BATCH_SIZE_BUCKETS), "+Inf"), counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric([topic], buckets, total)
+    return family
+
+
 def _partition_gauges(partitions: tuple[PartitionView, ...]) -> Iterator[Metric]:
     labels = ["topic", "partition"]
     families = {
@@ -124,11 +145,18 @@ def _partition_gauges(partitions: tuple[PartitionView, ...]) -> Iterator[Metric]
         "end": GaugeMetricFamily(PREFIX + "partition_end_offset", "High watermark of the partition.", labels=labels),
         "lag": GaugeMetricFamily(
             PREFIX + "partition_lag_records", "End offset minus committed offset.", labels=labels),
+        "lag_seconds": GaugeMetricFamily(
+            PREFIX + "partition_lag_seconds",
+            "Now minus the timestamp of the oldest record not yet committed (0 when caught up).", labels=labels),
         "in_flight": GaugeMetricFamily(
             PREFIX + "partition_in_flight_records", "Records taken from Kafka and not yet done.", labels=labels),
         "age": GaugeMetricFamily(
             PREFIX + "partition_oldest_unfinished_age_seconds",
             "Seconds since the oldest unfinished record was dispatched (0 when none).", labels=labels),
+        "holding": GaugeMetricFamily(
+            PREFIX + "partition_holding_record_age_seconds",
+            "Seconds since the record holding the partition (its oldest unfinished, with later records behind it) "
+            "was dispatched (0 when none).", labels=labels),
         "paused": GaugeMetricFamily(
             PREFIX + "partition_paused", "1 while fetching is paused (window full, outage, handover).",
             labels=labels),
@@ -141,7 +169,10 @@ def _partition_gauges(partitions: tuple[PartitionView, ...]) -> Iterator[Metric]
             families["end"].add_metric(key, p.end)
         if (lag := p.lag) is not None:
             families["lag"].add_metric(key, lag)
+        if p.lag_seconds is not None:
+            families["lag_seconds"].add_metric(key, p.lag_seconds)
         families["in_flight"].add_metric(key, p.in_flight)
         families["age"].add_metric(key, p.oldest_unfinished_age or 0.0)
+        families["holding"].add_metric(key, p.holding_age or 0.0)
         families["paused"].add_metric(key, 1 if p.paused else 0)
     yield from families.values()

@@ -4,7 +4,8 @@ A partition's state is split by who writes it: the delivery window (:class:`Part
 intake, dispatch and completions), its assignment (:class:`Assignment`, only
 :mod:`bridge.assignments`), its commit marks (:class:`Marks`, only :mod:`bridge.commit`), its
 final failures on their way to a dead-letter topic (:class:`Letters`, only
-:mod:`bridge.deadletter`), and whether it is paused (only :mod:`bridge.flow`).
+:mod:`bridge.deadletter`), whether it is paused (only :mod:`bridge.flow`) and whether an operator
+holds it (only :mod:`bridge.control`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Owned:
     marks: Marks = field(default_factory=Marks)
     letters: Letters = field(default_factory=Letters)
     paused: bool = False
+    #: Paused by an operator (``kafka-dramatiq-bridge pause``): nothing of it is dispatched.
+    held: bool = False
 
     @property
     def tp(self) -> TopicPartition:
@@ -96,9 +99,9 @@ class Owned:
 
     @property
     def active(self) -> bool:
-        """It may dispatch: set up, handed over, not fenced."""
+        """It may dispatch: set up, handed over, not fenced, not held by an operator."""
         a = self.assignment
-        return not (a.needs_setup or a.handing_over or a.fenced)
+        return not (a.needs_setup or a.handing_over or a.fenced or self.held)
 
 
 class Partitions:

@@ -17,12 +17,16 @@ from typing import Any
 #: Message option that carries the metadata.
 OPTION = "kdb"
 
-#: Protocol version this code writes; workers refuse messages of a newer one. Version 1 had no
-#: ``v`` field.
+#: Protocol version this code writes for one record; workers refuse messages of a newer one.
+#: Version 1 had no ``v`` field.
 VERSION = 2
 
+#: Version of batch messages (the ``b`` field): a worker that predates batches refuses them
+#: instead of running a batch as one record.
+BATCH_VERSION = 3
+
 #: Versions a worker of this code can run.
-KNOWN_VERSIONS = frozenset({1, 2})
+KNOWN_VERSIONS = frozenset({1, 2, 3})
 
 
 class ProtocolError(ValueError):
@@ -43,6 +47,9 @@ class Reason(enum.StrEnum):
     FINAL_FAILURE = "final-failure"
     UNDECODABLE = "undecodable"
     TOO_LARGE = "too-large"
+    #: Its workers kept dying while running it (``max_redispatches``).
+    STUCK = "stuck"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,7 @@ class Meta:
     prev: int = -1
     token: str | None = None
     version: int = VERSION
+    batch: tuple[int, ...] = ()
 
     @property
     def where(self) -> str:
@@ -84,6 +92,8 @@ class Meta:
             raw["pv"] = self.prev
         if self.token is not None:
             raw["s"] = self.token
+        if self.batch:
+            raw["b"] = list(self.batch)
         return raw
 
     @classmethod
@@ -100,6 +110,9 @@ class Meta:
         if version not in KNOWN_VERSIONS:
             raise UnknownVersion(version)
         token = raw.get("s")
+        batch = raw.get("b") or ()
+        if not isinstance(batch, list | tuple):
+            raise ProtocolError(f"malformed {OPTION} option {dict(raw)!r}: b is not a list")
         try:
             return cls(
                 group=str(raw["g"]),
@@ -112,6 +125,7 @@ class Meta:
                 # Version 1 marked a recorded start with ``"s": 1``, which names no registration.
                 token=token if isinstance(token, str) else None,
                 version=version,
+                batch=tuple(int(o) for o in batch),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"malformed {OPTION} option {dict(raw)!r}: {e}") from None

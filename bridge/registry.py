@@ -19,12 +19,27 @@ from .codecs import CodecName
 Ordering = Literal["partition", "key", "none"]
 MessageFormat = Literal["record", "value"]
 OffsetReset = Literal["earliest", "latest"]
+BatchBy = Literal["partition", "key"]
 Hook = Callable[[str, int, str], None]
 
 #: Default dead-letter topic of topic ``t``: ``t.dlq``.
 DEAD_LETTER_SUFFIX = ".dlq"
 
 logger = logging.getLogger("bridge.handlers")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """How a handler's records are grouped into calls.
+
+    ``size``: most records in one call; ``timeout``: seconds the oldest record of a partial batch
+    waits for more before the batch is sent anyway; ``by``: ``"partition"`` (a contiguous run of
+    one partition's records) or ``"key"`` (one key's records of one partition).
+    """
+
+    size: int
+    timeout: float
+    by: BatchBy = "partition"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +55,10 @@ class Handler:
     offset_reset: OffsetReset
     window: int | None
     dead_letter_topic: str | bool = True
+    #: Set for a batch handler (its actor takes ``list[Record]``).
+    batch: BatchOptions | None = None
+    #: Runs after a copy died running it before the record is given up as ``stuck``; None: never.
+    max_redispatches: int | None = 3
 
     @property
     def name(self) -> str:

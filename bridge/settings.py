@@ -16,6 +16,9 @@ from .errors import ConfigurationError
 from .ledger.connection import SCHEMES, cluster_nodes, is_cluster
 from .probe import CRASH_POINTS
 
+#: ``BRIDGE_LANES``: how partitions map onto dramatiq queues (see :mod:`bridge.lanes`).
+LaneSetting = Literal["auto", "topic", "partition"]
+
 #: librdkafka properties the bridge sets itself. Overriding them would break a guarantee
 #: (auto commit / auto offset store / offset reset) or has a setting of its own.
 RESERVED_KAFKA_PROPERTIES: dict[str, str] = {
@@ -130,6 +133,16 @@ class Settings(WorkerSettings):
         20_000, ge=1, le=10_000_000,
         description="Records held and not yet done over all partitions; beyond it every partition is paused.",
     )
+    lanes: LaneSetting = Field(
+        "auto",
+        description=(
+            "How partitions map onto dramatiq queues: `topic` (one queue per topic, shared by its "
+            "partitions), `partition` (one queue per partition), or `auto`: `topic` for handlers on "
+            "dramatiq's Redis broker and for `none` ordering, `partition` for ordered handlers on other "
+            "brokers. Each queue costs every worker process a consumer thread and a connection. See "
+            "[lanes and queues](concepts.md#lanes-and-queues)."
+        ),
+    )
     lane_depth: int = Field(
         32, ge=1, le=100_000,
         description=(
@@ -180,6 +193,14 @@ class Settings(WorkerSettings):
             "dispatched again: its message was lost in the task broker (purged queue, broker restarted "
             "without persistence) or its worker died. Set it above the longest time a message waits in its "
             "lane."
+        ),
+    )
+    stuck_after: float = Field(
+        300.0, ge=0, le=7 * 86400,
+        description=(
+            "Seconds a record may hold its partition (the oldest unfinished record, with later records waiting"
+            " or done behind it) before one WARNING names it; `0` turns the warning off. Its offset and age are"
+            " in `status` and on `/metrics` either way. See [stuck records](failures.md#stuck-records)."
         ),
     )
     max_message_bytes: int = Field(

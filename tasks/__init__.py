@@ -26,6 +26,6 @@ if os.environ.get("TASKS_PROMETHEUS") == "1":
     broker.add_middleware(Prometheus())
 dramatiq.set_broker(broker)
 
-from . import audit, orders, payments  # noqa: E402  (actors need the broker set first)
+from . import audit, orders, page_views, payments  # noqa: E402  (actors need the broker set first)
 
-__all__ = ["audit", "broker", "orders", "payments"]
+__all__ = ["audit", "broker", "orders", "page_views", "payments"]

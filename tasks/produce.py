@@ -21,7 +21,7 @@ logger = logging.getLogger("tasks.produce")
 
 
 def sample(i: int, rng: random.Random) -> tuple[str, str, bytes]:
-    kind = i % 3
+    kind = i % 4
     if kind == 0:
         customer = f"customer-{rng.randrange(50)}"
         items = [
@@ -32,6 +32,8 @@ def sample(i: int, rng: random.Random) -> tuple[str, str, bytes]:
     if kind == 1:
         account = f"acct-{rng.randrange(20)}"
         return "payments", account, f"{account}:{rng.randint(1, 50000) / 100}".encode()
+    if kind == 3:
+        return "page-views", f"visitor-{rng.randrange(100)}", f"/products/{rng.randrange(40)}".encode()
     return (
         "audit-events",
         f"user-{rng.randrange(10)}",

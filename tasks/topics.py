@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 #: Topic -> partitions when no ``--partitions`` is given.
-TOPICS = {"orders": 6, "payments": 3, "audit-events": 3}
+TOPICS = {"orders": 6, "payments": 3, "audit-events": 3, "page-views": 3}
 
 
 def create_topics(

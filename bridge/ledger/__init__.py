@@ -1,10 +1,12 @@
 """The ack ledger in Redis: done facts per offset, the records running, epochs, lanes."""
 
+from .batches import BatchEnd
 from .client import Ledger, LedgerError
 from .connection import connect
-from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
+from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Stuck, Try
 
 __all__ = [
+    "BatchEnd",
     "Beats",
     "End",
     "Finished",
@@ -14,6 +16,7 @@ __all__ = [
     "Progress",
     "Stale",
     "StartResult",
+    "Stuck",
     "Try",
     "connect",
 ]

@@ -21,7 +21,7 @@ import redis
 from ..errors import LedgerAccessDenied, LedgerUnavailable
 from ..keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
 from ..protocol import failure_json
-from .batches import many_calls, pairs
+from .batches import BatchEnd, batch_args, many_calls, pairs, stale_answer, stale_args
 from .connection import safe_url
 from .facts import START_CODES, Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
 from .scripts import SCRIPTS, failure, script
@@ -144,6 +144,13 @@ class Ledger:
                 )
         return verdicts
 
+    def finish_batch(self, keys: PartitionKeys, end: BatchEnd, worker: str) -> int:
+        """Settle one try of a batch in one call; returns how many offsets reached a final state."""
+        try:
+            return int(self._run("batch", keys, batch_args(keys, end, worker)))
+        except redis.RedisError as e:
+            raise failure(f"ledger end of the batch at {keys.topic}[{keys.partition}]@{end.copy.offset}", e) from e
+
     def beat(self, beats: Mapping[PartitionKeys, Beats]) -> None:
         """Signs of life of the records running or parked in this process, one round trip."""
         calls = []
@@ -160,10 +167,9 @@ class Ledger:
     def lanes(self) -> dict[str, str]:
         """Lane name -> topic for every lane any bridge has opened."""
         try:
-            raw = cast(dict[str, str], self.client.hgetall(LANES_KEY))
+            return dict(cast(dict[str, str], self.client.hgetall(LANES_KEY)))
         except redis.RedisError as e:
             raise failure("reading lanes", e) from e
-        return dict(raw)
 
     # -- bridge side ------------------------------------------------------------------------
 
@@ -245,25 +251,25 @@ class Ledger:
             )
         return result
 
-    def stale(self, partitions: Mapping[PartitionKeys, Sequence[int]], timeout: float) -> dict[PartitionKeys, Stale]:
+    def stale(self, partitions: Mapping[PartitionKeys, Sequence[int]], timeout: float,
+              limits: Mapping[PartitionKeys, tuple[int | None, int]] | None = None,
+              live: float = 15.0) -> dict[PartitionKeys, Stale]:
         """Look at dispatched records that showed no progress, one round trip for all partitions:
         done or failed meanwhile, or without a sign of life for ``timeout`` (judged on the Redis
-        clock; a scheduled retry's sign of life is its eta): those get a new attempt number."""
+        clock; a scheduled retry's sign of life is its eta): those get a new attempt number. With
+        ``limits`` (keys -> (max_redispatches or None, the owner's epoch)), a record whose copies
+        died running (no sign of life for ``live``) more often than that, none running now, is
+        recorded as a final failure with reason ``stuck``."""
         items = [(keys, offsets) for keys, offsets in partitions.items() if offsets]
         if not items:
             return {}
+        given = limits or {}
+        calls = [("stale", k, stale_args(k, found, timeout, *given.get(k, (None, 0)), live)) for k, found in items]
         try:
-            replies = self._batch([("stale", keys, [int(timeout * 1000), *offsets]) for keys, offsets in items])
+            replies = self._batch(calls)
         except redis.RedisError as e:
             raise failure("checking records without progress", e) from e
-        result = {}
-        for (keys, _), (done, failed, again) in zip(items, replies, strict=True):
-            numbers = [int(v) for v in again]
-            result[keys] = Stale(
-                Progress([int(o) for o in done], pairs(failed)),
-                dict(zip(numbers[::2], numbers[1::2], strict=True)),
-            )
-        return result
+        return {keys: stale_answer(reply) for (keys, _), reply in zip(items, replies, strict=True)}
 
     def fail(self, failures: Mapping[PartitionKeys, Sequence[tuple[int, int, Mapping[str, Any]]]]) -> None:
         """Record final failures the bridge decided itself: keys -> (offset, epoch, detail)."""
@@ -304,10 +310,9 @@ class Ledger:
 
     def running(self, keys: PartitionKeys) -> dict[int, dict[str, Any]]:
         try:
-            raw = cast(dict[str, str], self.client.hgetall(keys.running))
+            return {int(k): json.loads(v) for k, v in cast(dict[str, str], self.client.hgetall(keys.running)).items()}
         except redis.RedisError as e:
             raise failure(f"reading running records of {keys.topic}[{keys.partition}]", e) from e
-        return {int(k): json.loads(v) for k, v in raw.items()}
 
     def ping(self) -> None:
         try:
@@ -317,10 +322,9 @@ class Ledger:
 
     def done_from(self, keys: PartitionKeys, low: int) -> set[int]:
         try:
-            raw = cast(list[str], self.client.zrangebyscore(keys.done, low, "+inf"))
+            return {int(v) for v in cast(list[str], self.client.zrangebyscore(keys.done, low, "+inf"))}
         except redis.RedisError as e:
             raise failure(f"reading done offsets of {keys.topic}[{keys.partition}]", e) from e
-        return {int(v) for v in raw}
 
     def completions(self, partitions: Sequence[PartitionKeys], limit: int = 5000) -> dict[PartitionKeys, Progress]:
         """Take the offsets that reached a final state since the last call, with the details of
@@ -388,6 +392,3 @@ class Ledger:
             self.client.hset(key, mapping=cast(Any, dict(entries)))
         except redis.RedisError as e:
             raise failure("publishing status", e) from e
-
-
-

@@ -20,14 +20,17 @@ def script(name: str, *, common: bool = True) -> str:
 
 
 SCRIPTS = (
-    "start", "finish", "many", "stage", "beat", "stale", "handover", "bump", "fail", "prune", "settle",
+    "start", "finish", "many", "batch", "stage", "beat", "stale", "handover", "bump", "fail", "prune", "settle",
 )
+
+#: Scripts of the operator commands (:mod:`bridge.ledger.control`); ``control`` has no prelude.
+OPERATOR_SCRIPTS = ("skip", "unstage", "reset")
 
 #: Every script's source by its SHA1, to name the command a refused script needed.
 _SOURCES = {
     hashlib.sha1(source.encode()).hexdigest(): source
-    for source in [*(script(name) for name in SCRIPTS), script("lanes_seen", common=False),
-                   script("lanes_expired", common=False)]
+    for source in [*(script(name) for name in (*SCRIPTS, *OPERATOR_SCRIPTS)), script("lanes_seen", common=False),
+                   script("lanes_expired", common=False), script("control", common=False)]
 }
 _SCRIPT_LINE = re.compile(r"script: (?P<sha>[0-9a-f]{40}), on @user_script:(?P<line>\d+)")
 _CALL = re.compile(r"redis\.call\('(?P<command>[A-Z]+)'")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import dramatiq
 from dramatiq.broker import MessageProxy
-from dramatiq.middleware import Middleware, Retries, SkipMessage
+from dramatiq.middleware import Middleware, SkipMessage
 
 from ..keys import PartitionKeys
 from ..ledger import End, Finished, Ledger, LedgerError, StartResult, Try, connect
@@ -29,11 +29,13 @@ from ..registry import Registry, registry
 from ..settings import WorkerSettings
 from .admission import Refusals, decode
 from .batcher import Batcher
+from .batches import Batches
 from .handoff import Handoff, retries_of
 from .identity import new_token, process_id, worker_id
 from .metrics import count_failure, export_failures
 from .parking import Parking
 from .signs import Background, Signs
+from .waker import Waker
 
 logger = logging.getLogger("bridge.worker")
 
@@ -70,6 +72,8 @@ class LedgerMiddleware(Middleware):
         self._background: Background | None = None
         self.signs = Signs()
         self.handoff = Handoff(self.signs)
+        self.waker = Waker()
+        self.batches = Batches(lambda: self.ledger, lambda *a: self.batcher.start(*a), self.signs, self._failed)
         self._refusals = Refusals()
         self.ledger_write_failures = 0
 
@@ -120,6 +124,7 @@ class LedgerMiddleware(Middleware):
     # -- lanes and heartbeats ---------------------------------------------------------------
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.waker.install(broker)  # before any lane is declared, so every lane consumer has it
         self.handoff.boot(broker, worker)
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(self._quiet_skips)
         export_failures()
@@ -134,6 +139,7 @@ class LedgerMiddleware(Middleware):
             # worker stops them.
             self._background.stop()
         self.handoff.stopping()
+        self.waker.close()
         if self._parking is not None:
             self._parking.close()
 
@@ -176,7 +182,7 @@ class LedgerMiddleware(Middleware):
 
     def _admit(self, message: Any) -> None:
         local = self._local
-        local.ours = local.copy = local.delay = local.meta = None
+        local.ours = local.copy = local.delay = local.meta = local.batch_ended = None
         local.unordered = False
         approved = self.handoff.take(message.message_id)
         try:
@@ -191,6 +197,9 @@ class LedgerMiddleware(Middleware):
             return
         keys, retries = _keys(meta), retries_of(message)
         handler = self._handlers.for_actor(message.actor_name)
+        if meta.batch:
+            self.batches.admit(message, meta, handler, self._max_json_depth, self._skip)
+            return
         if approved is not None:
             # The finish of its predecessor recorded its start a moment ago, in this process.
             token, known = approved
@@ -258,6 +267,9 @@ class LedgerMiddleware(Middleware):
     ) -> None:
         self.handoff.take(message.message_id)
         local = self._local
+        if self.batches.end(message, exception, int(getattr(local, "delay", None) or 0)):
+            local.batch_ended, local.delay = message.message_id, None
+            return
         copy, local.copy = getattr(local, "copy", None), None
         if copy is None:
             return
@@ -282,6 +294,8 @@ class LedgerMiddleware(Middleware):
         copy, self._local.copy = getattr(self._local, "copy", None), None
         if getattr(self._local, "ours", None) == message.message_id:
             return
+        if self.batches.settle_unstarted(message, None):
+            return
         if copy is None and approved is not None:
             # Skipped before this middleware saw it, with a start recorded on its behalf.
             try:
@@ -296,7 +310,9 @@ class LedgerMiddleware(Middleware):
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         # Every final failure passes here, including ones that never reached process hooks
         # (unknown actor, age limit). Writing the same failure twice is harmless.
-        if getattr(self._local, "ours", None) == message.message_id:
+        if message.message_id in (getattr(self._local, "ours", None), getattr(self._local, "batch_ended", None)):
+            return
+        if self.batches.settle_unstarted(message, getattr(message, "_exception", None)):
             return
         self._finish(message, "failed", getattr(message, "_exception", None))
 
@@ -381,17 +397,3 @@ def _prev_of(message: Any) -> int | None:
 
 def _extra(meta: Meta) -> dict[str, Any]:
     return coordinates(meta.topic, meta.partition, meta.offset)
-
-
-def install(broker: dramatiq.Broker, middleware: LedgerMiddleware | None = None) -> LedgerMiddleware:
-    """Add the ledger middleware to ``broker`` once, before ``Retries`` when present; returns the
-    one installed (``middleware`` lets a test bring its own, before any handler registers)."""
-    for existing in broker.middleware:
-        if isinstance(existing, LedgerMiddleware):
-            return existing
-    middleware = middleware or LedgerMiddleware()
-    if any(isinstance(m, Retries) for m in broker.middleware):
-        broker.add_middleware(middleware, before=Retries)
-    else:
-        broker.add_middleware(middleware)
-    return middleware

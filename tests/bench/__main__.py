@@ -1,4 +1,4 @@
-"""``python -m tests.bench [--quick] [--json PATH] [--only NAMES] [--repeat N]``."""
+"""``python -m tests.bench [--quick] [--json PATH] [--only NAMES] [--repeat N] [--set NAME=VALUE ...]``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from devstack import ServiceError
 from tests.bench.cpu import CpuWatch, load_average, other_processes
+from tests.bench.harness import Bench, Out
 from tests.bench.params import Params
 from tests.bench.report import (
     bridge_digest,
@@ -20,8 +21,8 @@ from tests.bench.report import (
     target_table,
     write_json,
 )
-from tests.bench.scenarios import ALIASES, SCENARIOS, Bench, Out, resolve
 from tests.bench.services import Services
+from tests.bench.suite import ALIASES, SCENARIOS, resolve, run, targets
 from tests.support.bridge_proc import REPO
 
 METHOD = [
@@ -34,8 +35,10 @@ METHOD = [
     "Handler completion is counted in memory per worker process and flushed to Redis every 20 ms by a "
     "background thread (no per-record Redis write in throughput runs); the same counter runs in the stock "
     "baseline's actor.",
-    "First dispatch = first time a lane holds a message (LLEN polled every 10 ms), falling back to the first "
-    "handler start; committed offsets are read every 50 ms by a consumer that does not join the group.",
+    "First dispatch = first time one of the topic's lanes (those the bridge registered in kdb:lanes, whatever "
+    "their layout) holds a message (one Lua call summing LLEN, every 10 ms), falling back to the first handler "
+    "start; committed offsets are read every 50 ms (0.5 s above 64 partitions) by a consumer that does not join "
+    "the group.",
     "T1: workers stopped; BRIDGE_WINDOW = BRIDGE_MAX_IN_FLIGHT = backlog; queue lengths polled every 20 ms.",
     "T2 target row excludes bridge start-up (process start, imports, dead-letter topic check, group join); the "
     "-incl-startup row includes it. T7 is measured in the T2 runs.",
@@ -46,6 +49,26 @@ METHOD = [
     "minus record timestamp; records produced in the first warm-up seconds are discarded. T5 and T6 run once.",
     "T6: BRIDGE_PROGRESS_INTERVAL=1 so that the status hash (in-flight count) is at most 1 s old; memory "
     "sampled every second; ledger = every kdb:* key, MEMORY USAGE ... SAMPLES 0.",
+    "P1: partition mode, default settings (workers look for lanes every 1 s), an empty topic and no traffic "
+    "(p1_records_per_partition records per partition go through first when set); the window starts once the "
+    "status hash shows every partition owned with nothing in flight, plus p1_settle_s. CPU from /proc per "
+    "component; redis-server also from INFO cpu (user + sys); commands from INFO commandstats deltas (INFO "
+    "itself left out); worker log lines with 'Too many connections', 'max number of clients reached' or "
+    "'encountered a connection error', and 'Restarting consumer', from worker start to the window's end. Then "
+    "MONITOR attributes each command to its client (client names set in the Redis URLs; commands inside Lua "
+    "scripts count as 'lua'). Baseline: the same workers without any handler (stock dramatiq, one queue), "
+    "idle over the same window.",
+    "P2: T5's producer (linger.ms=0, CreateTime) sends one record per partition to warm the pipeline, then "
+    "each record after p2_silence_s without any; the stock baseline sends plain_timed(send time) to the idle "
+    "queue of workers started the same way (2 processes x 8 threads), the same way.",
+    "P3: T5's method at each rate of p3_rates; the stock baseline paces send() of plain_timed(send time) at the "
+    "same rate from one thread; per rate the stock run comes first.",
+    "P4: CPU per record from /proc. Bridge: from the first dispatch to committed == end. Stock: worker processes "
+    "SIGSTOPped while the messages are sent, SIGCONTed after; from the first send to the last handler end.",
+    "P5 = T2's comparison, also as first handler start -> last handler end on both sides. P6 = T3, T3 on "
+    "RabbitMQ, and RabbitMQ partition mode at 500 records/s: producer's end -> last handler start <= 1 s.",
+    "P7: partition mode, no-op; each worker process records every handler run in memory and writes them in "
+    "batches; checked: each record exactly once, per partition in offset order without overlap.",
 ]
 
 
@@ -64,14 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small record counts, 1 repetition (smoke test)")
     parser.add_argument("--json", type=Path, default=REPO / ".cache" / "bench" / "results.json",
                         help="where to write the results (default .cache/bench/results.json)")
-    parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} "
-                        f"(aliases: {', '.join(f'{a}={s}' for a, s in ALIASES.items())})")
+    aliases = ", ".join(f"{alias}={'+'.join(names)}" for alias, names in ALIASES.items())
+    parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} (aliases: {aliases})")
     parser.add_argument("--repeat", type=int, help="repetitions of each comparison (default 3, quick 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one parameter (printed at the start), e.g. --set p1_partitions=64; "
+                        "a list takes comma-separated values: --set p2_orderings=none")
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
-
-    params = Params.create(args.quick, args.repeat)
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    try:
+        params = Params.create(args.quick, args.repeat, overrides)
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     names = resolve(args.only)
     out = Out()
     started = time.time()
@@ -94,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             out.line("machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()))
             load["start"] = _check_load(out)
             bench = Bench(services, params, out, watch)
-            bench.run(names)
+            run(bench, names)
             complete = True
             load["end"] = _check_load(out)
     except ServiceError as e:
@@ -109,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             if bridge_digest() != git["bridge_sources_sha256"]:
                 bench.notes.append("the bridge's sources changed on disk while the benchmark ran: runs may have "
                                    "measured different code")
-            targets = bench.targets()
+            rows = targets(bench)
             doc = document(
                 machine_info={**machine_info, "load": load}, params=params.as_dict(), scenarios=names,
-                measurements=bench.measurements, targets=targets, notes=METHOD + bench.notes,
+                measurements=bench.measurements, targets=rows, notes=METHOD + bench.notes,
                 failures=bench.failures, started=started, complete=complete,
             )
             write_json(args.json, doc)
@@ -124,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(measurement_table(bench.measurements))
             print()
-            print(target_table(targets))
+            print(target_table(rows))
             for note in bench.notes:
                 print(f"note: {note}")
             for failure in bench.failures:

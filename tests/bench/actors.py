@@ -8,10 +8,16 @@
   KDB_BENCH_RABBITMQ_URL  the task broker is RabbitMQ at this URL (the ledger stays in Redis)
   KDB_BENCH_LATENCY   Redis list receiving "<record timestamp ms> <produce->handler start ms>" per
                       record; unset (throughput scenarios): no per-record Redis write at all
+  KDB_BENCH_EVENTS    Redis list receiving "<partition> <offset> <start ms> <end ms>" per record,
+                      written in batches with the tally (the order check of P7); unset: none
 
 Completion is counted in memory per worker process (count, first handler start, last handler end)
 and written to the Redis hash ``bench:tally`` by a background thread every 20 ms, so the no-op
 path of the throughput scenarios costs a lock and three assignments instead of a Redis round trip.
+The per-record events, when asked for, ride on the same thread.
+
+``plain_timed(sent_ms, key)`` is the stock baseline of the latency scenarios: it appends
+"<sent ms> <send->handler start ms>" to the Redis list ``key``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ broker: dramatiq.Broker
 if os.environ.get("KDB_BENCH_RABBITMQ_URL"):
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-    broker = RabbitmqBroker(url=os.environ["KDB_BENCH_RABBITMQ_URL"])  # type: ignore[no-untyped-call]
+    broker = RabbitmqBroker(url=os.environ["KDB_BENCH_RABBITMQ_URL"])
 else:
     broker = RedisBroker(url=URL)  # type: ignore[no-untyped-call]
 dramatiq.set_broker(broker)
@@ -46,6 +52,7 @@ TOPIC = os.environ.get("KDB_BENCH_TOPIC", "")
 ORDERING = os.environ.get("KDB_BENCH_ORDERING", "none")
 SLEEP = float(os.environ.get("KDB_BENCH_SLEEP_MS", "0")) / 1000
 LATENCY = os.environ.get("KDB_BENCH_LATENCY", "")
+EVENTS = os.environ.get("KDB_BENCH_EVENTS", "")
 
 _redis = redis.Redis.from_url(URL)
 
@@ -58,14 +65,17 @@ class _Tally:
         self.count = 0
         self.first_start = 0.0
         self.last_end = 0.0
+        self.events: list[str] = []
         self._flusher: threading.Thread | None = None
 
-    def add(self, started: float, ended: float) -> None:
+    def add(self, started: float, ended: float, event: str | None = None) -> None:
         with self._lock:
             self.count += 1
             if not self.first_start or started < self.first_start:
                 self.first_start = started
             self.last_end = max(self.last_end, ended)
+            if event is not None:
+                self.events.append(event)
             if self._flusher is None:
                 # Started on first use: the dramatiq parent process never runs actors.
                 self._flusher = threading.Thread(target=self._flush_loop, name="bench-tally", daemon=True)
@@ -78,13 +88,19 @@ class _Tally:
             time.sleep(0.02)
             with self._lock:
                 count, first, last = self.count, self.first_start, self.last_end
+                events, self.events = self.events, []
             if count == written:
                 continue
             try:
+                # The events before the tally: a reader that sees the count also sees the events.
+                if events:
+                    _redis.rpush(EVENTS, *events)
+                    events = []
                 _redis.hset(TALLY_KEY, field, f"{count} {first * 1000:.3f} {last * 1000:.3f}")
                 written = count
             except redis.RedisError:
-                pass  # the next round writes the newer value
+                with self._lock:  # the next round writes the newer value, and these events first
+                    self.events[:0] = events
 
 
 _tally = _Tally()
@@ -97,6 +113,14 @@ def plain_noop(*args: Any) -> None:
     _tally.add(now, now)
 
 
+@dramatiq.actor(queue_name=PLAIN_QUEUE)
+def plain_timed(sent_ms: float, key: str) -> None:
+    """The stock baseline of the latency scenarios: send -> handler start, one Redis write."""
+    started = time.time()
+    _redis.rpush(key, f"{sent_ms:.3f} {started * 1000 - sent_ms:.3f}")
+    _tally.add(started, time.time())
+
+
 if TOPIC:
 
     @kafka_handler(TOPIC, ordering=ORDERING)  # type: ignore[arg-type]
@@ -107,4 +131,6 @@ if TOPIC:
             _redis.rpush(LATENCY, f"{record.timestamp} {started * 1000 - record.timestamp:.3f}")
         if SLEEP:
             time.sleep(SLEEP)
-        _tally.add(started, time.time())
+        ended = time.time()
+        event = f"{record.partition} {record.offset} {started * 1000:.3f} {ended * 1000:.3f}" if EVENTS else None
+        _tally.add(started, ended, event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,9 +43,36 @@ class Params:
     #: How often committed offsets are read from Kafka.
     commit_poll_s: float = 0.05
     lane_refresh_interval_s: float = 0.2
+    #: P1: idle cost with this many partitions owned and handed over, measured over the window; then
+    #: MONITOR attributes every Redis command to its client for a while. The same with
+    #: ``p1_small_partitions`` is the reference of the Redis-calls check. No traffic, unless
+    #: ``p1_records_per_partition`` records per partition should go through before the window.
+    p1_partitions: int = 1024
+    p1_small_partitions: int = 6
+    p1_records_per_partition: int = 0
+    p1_window_s: float = 60.0
+    p1_settle_s: float = 5.0
+    p1_monitor_s: float = 10.0
+    #: P2: first record after silence; repetitions per run, the silence before each, the modes.
+    p2_repeats: int = 10
+    p2_silence_s: float = 10.0
+    p2_orderings: tuple[str, ...] = ("none", "key", "partition")
+    #: P3: paced producer (and paced stock send()) at each rate, for t5_seconds, every mode.
+    p3_rates: tuple[float, ...] = (200.0, 500.0)
+    p3_orderings: tuple[str, ...] = ("none", "key", "partition")
+    #: P4: CPU per record over a backlog, none mode, against stock dramatiq draining as many.
+    p4_records: int = 50_000
+    #: P7: partition mode over many partitions against 6 partitions, same record count.
+    p7_partitions: int = 1024
+    p7_records: int = 20_000
 
     @classmethod
-    def create(cls, quick: bool, repeat: int | None) -> Params:
+    def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
+        params = cls._defaults(quick, repeat)
+        return params.replace(overrides) if overrides else params
+
+    @classmethod
+    def _defaults(cls, quick: bool, repeat: int | None) -> Params:
         if not quick:
             return cls(mode="full", repeat=repeat or 3)
         return cls(
@@ -59,7 +87,30 @@ class Params:
             t5_drain_s=5.0,
             t6_records=100_000,
             t6_cap_s=10.0,
+            p1_window_s=10.0,
+            p1_monitor_s=3.0,
+            p2_repeats=3,
+            p2_orderings=("none", "partition"),
+            p4_records=5_000,
+            p7_records=2_000,
         )
+
+    def replace(self, overrides: dict[str, str]) -> Params:
+        """A copy with fields set from text (``--set name=value``; a tuple takes comma-separated values)."""
+        changes: dict[str, Any] = {}
+        for name, text in overrides.items():
+            if name not in self.__dataclass_fields__ or name == "mode":
+                raise ValueError(f"no parameter {name!r}; choose from {', '.join(self.__dataclass_fields__)}")
+            current = getattr(self, name)
+            try:
+                if isinstance(current, tuple):
+                    kind = type(current[0]) if current else str
+                    changes[name] = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+                else:
+                    changes[name] = type(current)(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r}: not a {type(current).__name__}") from None
+        return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -62,11 +62,25 @@ class Target:
 
 
 def ratio_row(
-    row_id: str, what: str, subject: Measurement, baseline: Measurement, minimum: float | None, note: str = ""
+    row_id: str,
+    what: str,
+    subject: Measurement,
+    baseline: Measurement,
+    minimum: float | None,
+    note: str = "",
+    *,
+    maximum: float | None = None,
 ) -> Target:
-    """subject median / baseline median, met when at least ``minimum`` (None: for information)."""
+    """subject median / baseline median, met when at least ``minimum`` or at most ``maximum``
+    (neither: for information)."""
     value, base = subject.median, baseline.median
     ratio = value / base if value is not None and base else None
+    if minimum is not None:
+        target, met = f"ratio >= {minimum:g}", ratio is not None and ratio >= minimum
+    elif maximum is not None:
+        target, met = f"ratio <= {maximum:g}", ratio is not None and ratio <= maximum
+    else:
+        target, met = "(for information)", None
     return Target(
         id=row_id,
         what=what,
@@ -74,8 +88,26 @@ def ratio_row(
         unit=subject.unit,
         baseline=base,
         ratio=ratio,
-        target=f"ratio >= {minimum:g}" if minimum is not None else "(for information)",
-        met=None if minimum is None else ratio is not None and ratio >= minimum,
+        target=target,
+        met=met,
+        note=note,
+    )
+
+
+def margin_row(
+    row_id: str, what: str, subject: Measurement, baseline: Measurement, allowance: float, note: str = ""
+) -> Target:
+    """Met when the subject's median is at most the baseline's median plus ``allowance`` (same unit)."""
+    value, base = subject.median, baseline.median
+    return Target(
+        id=row_id,
+        what=what,
+        value=value,
+        unit=subject.unit,
+        baseline=base,
+        ratio=value / base if value is not None and base else None,
+        target=f"<= baseline + {allowance:g} {subject.unit}",
+        met=value is not None and base is not None and value <= base + allowance,
         note=note,
     )
 

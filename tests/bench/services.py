@@ -7,6 +7,7 @@ including on Ctrl-C and on errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any, Self
 
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]  # not in its __all__
 from confluent_kafka.cimpl import NewTopic
 
 from devstack import DramatiqWorkers, KafkaServer, RabbitServer, RedisServer, ServiceError
@@ -35,6 +36,10 @@ LOGS = REPO / ".cache" / "bench" / "logs"
 PARTITIONS = 6
 #: ~100-byte values.
 VALUE_PAD = b"v" * 90
+
+
+def _round_robin(i: int, partitions: int) -> int:
+    return i % partitions
 
 
 class RunFailed(RuntimeError):
@@ -145,6 +150,10 @@ class Services:
             self._redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
         return self._redis
 
+    def redis_url_as(self, client_name: str) -> str:
+        """:attr:`redis_url` with a client name: CLIENT LIST and MONITOR then tell the processes apart."""
+        return f"{self.redis_url}?client_name={client_name}"
+
     def redis_version(self) -> str:
         return str(self.redis.info("server")["redis_version"])
 
@@ -160,24 +169,25 @@ class Services:
 
     # -- topics -----------------------------------------------------------------------------
 
-    def new_topic(self, prefix: str) -> str:
+    def new_topic(self, prefix: str, partitions: int = PARTITIONS) -> str:
         name = unique(prefix)
+        timeout = 30 + partitions / 20
         futures = self.admin.create_topics(
-            [NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)], operation_timeout=30
+            [NewTopic(name, num_partitions=partitions, replication_factor=1)], operation_timeout=timeout
         )
-        futures[name].result(30)
-        deadline = time.monotonic() + 30
+        futures[name].result(timeout)
+        deadline = time.monotonic() + timeout
         while True:
             topic = self.admin.list_topics(name, timeout=5).topics.get(name)
             if (
                 topic is not None
                 and topic.error is None
-                and len(topic.partitions) == PARTITIONS
+                and len(topic.partitions) == partitions
                 and all(p.leader >= 0 and p.error is None for p in topic.partitions.values())
             ):
                 return name
             if time.monotonic() > deadline:
-                raise RunFailed(f"topic {name} never showed {PARTITIONS} led partitions")
+                raise RunFailed(f"topic {name} never showed {partitions} led partitions")
             time.sleep(0.05)
 
     def cleanup(self, topics: list[str]) -> None:
@@ -197,12 +207,18 @@ class Services:
         topic: str,
         count: int,
         *,
-        partition: Callable[[int], int] = lambda i: i % PARTITIONS,
+        partition: Callable[[int], int] | None = None,
         key: Callable[[int], bytes | None] = lambda i: None,
         progress: Callable[[int], None] | None = None,
+        partitions: int = PARTITIONS,
     ) -> None:
-        """Produce ``count`` ~100-byte records fast (batched) and wait for every acknowledgement."""
+        """Produce ``count`` ~100-byte records fast (batched) and wait for every acknowledgement.
+
+        Record i goes to ``partition(i)``, by default i % ``partitions``.
+        """
         errors: list[KafkaError] = []
+        if partition is None:
+            partition = functools.partial(_round_robin, partitions=partitions)
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
@@ -234,16 +250,13 @@ class Services:
         if remaining or errors:
             raise RunFailed(f"producing to {topic}: {remaining} undelivered, errors {errors[:3]}")
 
-    def ends(self, topic: str) -> dict[int, int]:
-        """High watermark of every partition."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": unique("ends")})
-        try:
-            return {
-                p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-                for p in range(PARTITIONS)
-            }
-        finally:
-            consumer.close()
+    def ends(self, topic: str, partitions: int = PARTITIONS) -> dict[int, int]:
+        """High watermark of every partition (one request for all of them)."""
+        futures = self.admin.list_offsets(
+            {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)},  # type: ignore[no-untyped-call]
+            request_timeout=30,
+        )
+        return {tp.partition: int(future.result(30).offset) for tp, future in futures.items()}
 
     # -- processes --------------------------------------------------------------------------
 
@@ -312,15 +325,26 @@ class Services:
 class Committed:
     """The group's committed offsets, read by a consumer that never joins the group."""
 
-    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int = PARTITIONS) -> None:
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-        self._tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
+        self._timeout = 5 + partitions / 200
 
     def read(self) -> dict[int, int]:
         try:
-            return {tp.partition: tp.offset for tp in self._consumer.committed(self._tps, timeout=5)}
+            return {tp.partition: tp.offset for tp in self._consumer.committed(self._tps, timeout=self._timeout)}
         except KafkaException:
             return {}  # the coordinator is still loading; ask again next round
+
+    def settled(self, attempts: int = 10) -> dict[int, int]:
+        """:meth:`read`, asked again (every 0.5 s) while Kafka does not answer."""
+        offsets = self.read()
+        for _ in range(attempts - 1):
+            if offsets:
+                break
+            time.sleep(0.5)
+            offsets = self.read()
+        return offsets
 
     def close(self) -> None:
         self._consumer.close()

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 # The example fleet's topics are fixed by its handlers; a fresh consumer group starts at the
 # earliest offset, so records other runs left there are processed too and checked the same way.
-TOPICS = ["orders", "payments", "audit-events"]
+TOPICS = ["orders", "payments", "audit-events", "page-views"]
 PRODUCED = 300
 
 
@@ -131,7 +131,8 @@ def test_the_compose_services_move_records_end_to_end_and_stop_cleanly(
         ends = wait_until(caught_up(pipeline), 120, interval=0.5,
                           message=lambda: f"committed offsets never reached the end offsets\n{tail(bridge.log_path)}")
         assert sum(ends.values()) >= PRODUCED
-        handled = sum(int(redis_client.get(f"tasks:{kind}:count") or 0) for kind in ("orders", "payments", "audit"))
+        kinds = ("orders", "payments", "audit", "page_views")
+        handled = sum(int(redis_client.get(f"tasks:{kind}:count") or 0) for kind in kinds)
         assert handled >= sum(ends.values())  # at least once
 
         base = f"http://127.0.0.1:{http_port}"

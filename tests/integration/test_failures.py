@@ -16,6 +16,7 @@ import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from bridge.keys import lane_name, topic_lane_name
 from devstack import KafkaServer, RedisServer, free_port
 from tests.integration.test_bridge import assert_complete, run_to_end, wait_committed_to_end
 from tests.support.bridge_proc import REPO
@@ -92,20 +93,28 @@ def test_an_unwritable_dead_letter_topic_holds_the_commit_until_it_heals(
     assert bridge.stop() == 0
 
 
+@pytest.mark.parametrize("lanes", ["auto", "partition"])
 def test_a_purged_lane_is_dispatched_again_and_processed(
-    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    lanes: str,
 ) -> None:
     topic = topic_factory(3)
-    pipeline = pipeline_factory([topic], KDB_TEST_ORDERING="partition", BRIDGE_REDISPATCH_TIMEOUT="3")
+    pipeline = pipeline_factory(
+        [topic], KDB_TEST_ORDERING="partition", BRIDGE_REDISPATCH_TIMEOUT="3", BRIDGE_LANES=lanes,
+    )
     produce_keyed(pipeline.kafka.bootstrap_servers, topic, 30)
     bridge = pipeline.start_bridge()
     bridge.wait_log("assigned", timeout=60)
     broker = RedisBroker(url=pipeline.env["BRIDGE_REDIS_URL"])
-    lanes = [f"kdb.{pipeline.group}.{topic}.{p}" for p in range(3)]
-    wait_until(lambda: all(broker.client.hlen(f"dramatiq:{lane}.msgs") for lane in lanes), 30,
-               message="records never reached the lanes")
-    for lane in lanes:  # the task broker loses every message in flight
-        broker.flush(lane)
+    # auto on the Redis broker: one queue for the topic; partition: one per partition.
+    queues = [topic_lane_name(pipeline.group, topic)] if lanes == "auto" else [
+        lane_name(pipeline.group, topic, p) for p in range(3)
+    ]
+    wait_until(lambda: sum(broker.client.hlen(f"dramatiq:{q}.msgs") for q in queues) == 3
+               and all(broker.client.hlen(f"dramatiq:{q}.msgs") for q in queues), 30,
+               message="the three partitions' first records never reached their lanes")
+    for queue in queues:  # the task broker loses every message in flight
+        broker.flush(queue)
     pipeline.start_workers(processes=1, threads=4)
     report = run_to_end(pipeline, redis_client, "partition")
     # The three heads were lost together: one round trip and one summary line bring them back.

@@ -124,3 +124,27 @@ def test_a_ledger_user_missing_a_permission_stops_the_bridge_with_exit_code_7(
     assert bridge.proc.wait(60) == 7, bridge.log[-3000:]
     assert "docs/security.md" in bridge.log and "persist" in bridge.log
     assert PASSWORD not in bridge.log
+
+
+def test_the_operator_commands_run_on_the_restricted_user(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str],
+    tls_redis: tuple[RedisServer, Path],
+) -> None:
+    server, ca = tls_redis
+    topic = topic_factory(2)
+    pipeline = pipeline_factory([topic], redis_url=ledger_url(server, ca), KDB_TEST_BROKER_URL=server.url)
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 10)
+    steps = [(["pause", topic], 0), (["status", "tests.support.bridge_actors", "--json"], 0), (["resume", topic], 0),
+             (["skip", f"{topic}:0:0"], 8), (["reset-offsets", topic, "--to-latest", "--dry-run"], 0),
+             (["reset-offsets", topic, "--to-latest"], 0)]
+    for args, code in steps:
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", *args], env={**os.environ, **pipeline.env, "PYTHONPATH": str(REPO)},
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == code, f"{args}: {result.stderr}"
+        output = result.stdout + result.stderr
+        assert "no permissions" not in output.lower() and PASSWORD not in output
+    assert sum(pipeline.committed().values()) == 10
+    audit = redis.Redis.from_url(server.url).lrange(f"kdb:{{{pipeline.group}}}:audit", 0, -1)
+    assert [json.loads(entry)["ok"] for entry in audit] == [True, True, False, True, True]

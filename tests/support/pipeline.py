@@ -31,13 +31,15 @@ class Pipeline:
             "KDB_TEST_TOPICS": ",".join(topics),
             **options,
         }
+        #: The module of handlers the workers and bridges import.
+        self.module = "tests.support.bridge_actors"
         self.workers: list[DramatiqWorkers] = []
         self.bridges: list[BridgeProcess] = []
 
     def start_workers(self, processes: int = 2, threads: int = 8) -> DramatiqWorkers:
         env = {**self.env, "PYTHONPATH": str(REPO)}
         workers = DramatiqWorkers(
-            ["tests.support.bridge_actors"], processes=processes, threads=threads,
+            [self.module], processes=processes, threads=threads,
             env={**os.environ, **env}, cwd=REPO, log_path=self.tmp / f"workers-{len(self.workers)}.log",
         )
         workers.start()
@@ -45,7 +47,7 @@ class Pipeline:
         return workers
 
     def start_bridge(self, *args: str, env: dict[str, str] | None = None) -> BridgeProcess:
-        bridge = BridgeProcess(["tests.support.bridge_actors"], {**self.env, **(env or {})}, args=list(args),
+        bridge = BridgeProcess([self.module], {**self.env, **(env or {})}, args=list(args),
                                log_path=self.tmp / f"bridge-{len(self.bridges)}.log")
         bridge.start()
         self.bridges.append(bridge)

@@ -145,7 +145,11 @@ def test_the_check_fails_on_a_flag_the_command_rejects() -> None:
     doc = "```sh\nkafka-dramatiq-bridge status tasks --group-protocol consumer   # rejected\n```\n"
     assert check_text(doc) == ["doc:2: `kafka-dramatiq-bridge status` does not take --group-protocol"]
     assert check_text("Run `kafka-dramatiq-bridge replay orders.dlq --redis-url redis://r/0`.") != []
-    assert check_text("`kafka-dramatiq-bridge pause orders:3`") != []
+    assert check_text("`kafka-dramatiq-bridge rewind orders:3`") != []  # no such command
+    assert check_text("`kafka-dramatiq-bridge pause orders:3 --json`") != []
+    assert check_text("`kafka-dramatiq-bridge reset-offsets orders --to-offset 5 --to-latest`") != []  # one position
+    assert check_text("`kafka-dramatiq-bridge skip orders:3`") != []  # no offset
+    assert check_text("`kafka-dramatiq-bridge reset-offsets orders:3 --to-datetime 2026-03-01T09:00:00Z`") == []
     assert check_text("`kafka-dramatiq-bridge status` needs READ on the group") == []
     assert check_text("```\nkafka-dramatiq-bridge run tasks \\\n    --log-level debug\n```") != []  # not a choice
     assert check_text("```\nkafka-dramatiq-bridge run tasks \\\n    --group-id orders -X a=b -P src\n```") == []

@@ -385,7 +385,8 @@ def test_retired_partitions_expire_unless_a_new_owner_bumps_them(ledger: Ledger)
 
 def test_lanes_not_registered_for_a_while_leave_the_registry(ledger: Ledger) -> None:
     ledger.open_lanes({"kdb.g.orders.0": "orders", "kdb.g.orders.1": "orders"})
-    time.sleep(0.02)
+    # Wide margins: a loaded machine can stall a test for a good part of a second.
+    time.sleep(2.0)
     ledger.open_lanes({"kdb.g.orders.1": "orders"})
-    assert ledger.forget_lanes(10) == ["kdb.g.orders.0"]
+    assert ledger.forget_lanes(1000) == ["kdb.g.orders.0"]
     assert ledger.lanes() == {"kdb.g.orders.1": "orders"}
