@@ -24,6 +24,7 @@ from bridge.keys import FINISHED_PATTERN, PartitionKeys
 from bridge.ledger import End, Ledger, Try, connect
 from bridge.ledger.batches import CHUNK
 from bridge.ledger.cluster import LedgerCluster
+from bridge.ledger.control import Command, ControlStore, Pause
 from bridge.ledger.scripts import script
 from devstack import RedisCluster
 from tests.integration.test_bridge import assert_complete, run_to_end
@@ -179,6 +180,38 @@ def test_batched_starts_and_ends_over_every_primary_leave_what_they_leave_on_a_s
     assert all(on_cluster.done_from(k, 0) == set(range(first - 10)) | set(range(first, first + 5)) for k in parts)
     on_cluster.client.close()
     on_one.client.close()
+
+
+def test_the_operator_commands_state_works_on_a_cluster_in_the_groups_slot_and_each_partitions(
+    redis_cluster: RedisCluster,
+) -> None:
+    client = connect(redis_cluster.ledger_url)
+    store, ledger = ControlStore(client, "g"), Ledger(client)
+    try:
+        keys = PartitionKeys("g", "orders", 1)
+        assert redis_cluster.node_for_key(store.paused_key) is redis_cluster.node_for_key(store.control_key)
+        # Two commands that add and remove pauses: one script over the group's keys each.
+        first = store.change_pauses(Pause("orders", None, 1, "ana@ops"), [], Command("pause orders", "ana@ops", 1))
+        second = store.change_pauses(Pause("orders", 1, 2, "ana@ops"), ["orders"],
+                                     Command("pause orders:1", "ana@ops", 2))
+        assert (first, second) == (1, 2)
+        assert store.pauses() == {"orders:1": Pause("orders", 1, 2, "ana@ops")}
+        synced = store.sync("bridge-1", 6)
+        assert (synced.version, synced.last) == (2, Command("pause orders:1", "ana@ops", 2))
+        assert [b.instance for b in store.bridges()] == ["bridge-1"]
+        request = store.post({"command": "skip", "topic": "orders", "partition": 1, "offset": 3})
+        assert store.claim(request) and not store.claim(request)
+        store.reply(request, {"ok": True})
+        assert store.answer(request) == {"ok": True}
+        store.audit(Command("pause orders", "ana@ops", 1), "paused", ok=True)
+        assert [e["command"] for e in store.history()] == ["pause orders"]
+        # Partition scripts of the commands, in the partition's slot.
+        [epoch] = ledger.bump_epochs({keys: (-1, 0)})
+        assert store.skip(keys, 3, epoch, {"reason": "skipped"}) == 1
+        assert store.state(keys, 3) == "failed"
+        assert store.reset(keys, 10, 15_000)[0]
+    finally:
+        client.close()
 
 
 # -- the core scenarios --------------------------------------------------------------------------------
