@@ -58,7 +58,7 @@ to a SIGKILL or to a clean stop, and gets it back 3-5 s after a new leader took 
 Partitions whose ledger keys moved to another primary restart ([failures](failures.md#on-a-redis-cluster)):
 a new epoch that waits three heartbeat intervals (15 s by default) for workers to re-register the
 records still running before it dispatches again, so their commits stand still for about that long
-after each move; the scenario moves them twice, about 10 s apart. The other partitions go on.
+after each move; the scenario moves them twice, seconds apart. The other partitions go on.
 
 """
 FAILOVER_COLUMNS = (
