@@ -108,6 +108,36 @@ def test_batches_of_a_partition_run_one_after_another_in_order_and_commit_to_the
         assert_one_after_another(calls, f"{t}[{p}]")
 
 
+def test_a_topic_batch_packs_several_low_volume_partitions_into_one_call_and_keeps_order_per_partition(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = batch_pipeline(pipeline_factory, topic, KDB_TEST_BATCH_SIZE="40", KDB_TEST_BATCH_BY="topic",
+                              KDB_TEST_BATCH_TIMEOUT="0.3", KDB_TEST_SLEEP_MS="30")
+    pipeline.start_workers(processes=2, threads=4)
+    pipeline.start_bridge().wait_log("assigned")
+    # A trickle: a few records per partition at a time, far below a batch each.
+    for _ in range(30):
+        produce_keyed(pipeline.kafka.bootstrap_servers, topic, 18)
+        time.sleep(0.1)
+    ends = wait_committed_to_end(pipeline)
+    assert pipeline.bridges[0].stop() == 0
+    assert pipeline.committed() == ends
+    history = read_history(redis_client)
+    for (t, p), end in ends.items():
+        calls = history.partition(t, p)
+        assert all(c.outcome == "ok" for c in calls)
+        assert [o for c in calls for o in c.offsets] == list(range(end)), f"{t}[{p}]: missing, repeated or reordered"
+        assert_one_after_another(calls, f"{t}[{p}]")
+    by_call: dict[str, set[int]] = {}
+    for call in history.calls:
+        by_call.setdefault(call.token.split("-")[0], set()).add(call.partition)
+    joined = [partitions for partitions in by_call.values() if len(partitions) > 1]
+    assert len(joined) > len(by_call) / 2, f"{len(joined)} of {len(by_call)} calls held several partitions"
+    assert max(len(p) for p in joined) >= 3
+    assert len(by_call) < sum(ends.values()) / 5, f"{len(by_call)} calls for {sum(ends.values())} records"
+
+
 def dead_letters(pipeline: Pipeline, topic: str, expected: int) -> dict[int, dict[str, str]]:
     """Offset -> kdb.* headers of the dead letters of ``topic`` (each offset at most once)."""
     found: dict[int, dict[str, str]] = {}
