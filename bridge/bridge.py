@@ -33,6 +33,7 @@ from .consumer import KafkaConsumer, await_topics, client_error, consumer_config
 from .deadletter import DeadLetterRouter, DeadLetters
 from .dispatch import Dispatcher
 from .errors import ConfigurationError, FatalError, TaskBrokerUnavailable
+from .finishes import Announcements
 from .flow import Flow
 from .intake import Intake
 from .ledger import Ledger, LedgerError, connect
@@ -43,6 +44,7 @@ from .registry import Handler, Registry, registry
 from .reporting import Reporting
 from .settings import Settings
 from .stats import Stats
+from .timelag import TimestampReader
 
 logger = logging.getLogger("bridge")
 
@@ -96,7 +98,8 @@ class Bridge:
         self.committer.consumer = self.consumer
         self.flow = Flow(self.consumer, settings, self.partitions)
         self.router = DeadLetterRouter(settings, self.ledger, self.partitions, self.stats, dead_letters)
-        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe)
+        self.completions = Completions(self.ledger, self.partitions, self.router, self.stats, self.probe,
+                                       Announcements(self.ledger.client))
         self.intake = Intake(settings, self.partitions, self.router, self.stats)
         self.dispatcher = Dispatcher(settings, self.ledger, self.partitions, self.router, self.completions,
                                      self.stats, self.probe)
@@ -105,8 +108,9 @@ class Bridge:
                                        self.halt, now)
         self.assignments.cooperative = is_cooperative(config)
         self.assignments.drain = self._drain_revoked
+        timestamps = TimestampReader(settings, consumer_factory=consumer_factory)
         self.reporting = Reporting(settings, self.ledger, self.consumer, self.partitions, self.stats, self.metrics,
-                                   self.instance)
+                                   self.instance, timestamps=timestamps)
         self._due = {
             "ping": Every(1.0), "upkeep": Every(settings.lane_refresh_interval), "handover": Every(0.05),
             "redispatch": Every(1.0), "commit": Every(settings.commit_interval),
@@ -171,6 +175,8 @@ class Bridge:
         if self._stop_deadline is None:
             self._stop_deadline = self.clock.monotonic()  # no draining any more
         self.consumer.close()
+        self.completions.close()
+        self.reporting.close()
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Completions: the ledger's facts about dispatched records, applied to the partitions' state.
 
-Workers push every offset that reached a final state onto the partition's ``fresh`` list; the
-loop takes them in one round trip per round (for the partitions with work in flight) and marks
-records done, or routes final failures to the dead-letter room.
+Workers push every offset that reached a final state onto the partition's ``fresh`` list and
+announce it; the loop takes them in one round trip per round (for the partitions announced since
+the last round, and once a second for every partition with work in flight: :mod:`bridge.finishes`)
+and marks records done, or routes final failures to the dead-letter room.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Iterable
 
 from .deadletter import DeadLetterRouter
+from .finishes import Announcements
 from .ledger import Ledger, Progress
 from .owned import Owned, Partitions
 from .probe import Probe
@@ -34,29 +36,40 @@ class Completions:
     """Reads final states from the ledger. Called from the loop's thread only."""
 
     def __init__(
-        self, ledger: Ledger, partitions: Partitions, router: DeadLetterRouter, stats: Stats, probe: Probe | None
+        self, ledger: Ledger, partitions: Partitions, router: DeadLetterRouter, stats: Stats, probe: Probe | None,
+        announcements: Announcements | None = None,
     ) -> None:
         self._ledger = ledger
+        self._announcements = announcements
         self._partitions = partitions
         self._router = router
         self._stats = stats
         self._probe = probe
 
     def read(self, now: float, only: Iterable[Owned] | None = None) -> None:
-        """Take the final states recorded since the last call, for partitions with work in flight.
+        """Take the final states recorded since the last call, for partitions with work in flight
+        (``only``: all of these; otherwise those announced, or all when a sweep is due).
 
         Raises:
           LedgerUnavailable, LedgerAccessDenied.
         """
+        announced = None
+        if only is None and self._announcements is not None:
+            announced = self._announcements.take(now)
         by_keys = {
             owned.keys: owned
             for owned in (only if only is not None else self._partitions)
             if owned.state.dispatched_open and not owned.assignment.needs_setup
+            and (announced is None or owned.keys.finished_channel in announced)
         }
         if not by_keys:
             return
         for keys, progress in self._ledger.completions(list(by_keys)).items():
             self.apply(by_keys[keys], progress, now)
+
+    def close(self) -> None:
+        if self._announcements is not None:
+            self._announcements.close()
 
     def apply(self, owned: Owned, progress: Progress, now: float) -> None:
         """Mark done facts; route final failures that belong to this owner's records."""

@@ -5,7 +5,7 @@ the ledger first, so that their successors start at once), stages the records th
 unfinished predecessor (pipelined ordered lanes on the Redis broker) and enqueues the rest: one
 ledger round trip and one pipeline per broker for each chunk of ``BRIDGE_ENQUEUE_BATCH``.
 Re-dispatch looks at records that showed no progress for ``BRIDGE_REDISPATCH_TIMEOUT``, for every
-partition in one round trip.
+partition in one round trip; the ledger gives up the ones whose workers kept dying (:mod:`bridge.stuck`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .probe import Probe
 from .protocol import OPTION, Meta, Reason, staged_value
 from .settings import Settings
 from .stats import Stats
+from .stuck import give_up
 
 logger = logging.getLogger("bridge")
 
@@ -131,14 +132,21 @@ class Dispatcher:
             return
         # Completion notices are a fast path; the done facts themselves decide. Liveness is
         # judged on the ledger's clock, and a scheduled retry is alive until its eta.
-        answers = self._ledger.stale({k: [e.offset for e in found] for k, (_, found) in candidates.items()}, timeout)
+        limits = {k: (o.handler.max_redispatches, o.state.epoch) for k, (o, _) in candidates.items()}
+        answers = self._ledger.stale({k: [e.offset for e in found] for k, (_, found) in candidates.items()}, timeout,
+                                     limits, self._live)
         again: list[Send] = []
+        successors: list[Send] = []
         for keys, answer in answers.items():
             owned, found = candidates[keys]
             for entry in found:
                 entry.checked_at = now
             self._completions.apply(owned, answer.progress, now)
             for entry in found:
+                if entry.offset in answer.stuck:
+                    successors += [(owned, s, 1) for s in give_up(self._router, owned, entry,
+                                                                  answer.stuck[entry.offset], now)]
+                    continue
                 attempt = answer.again.get(entry.offset)
                 if attempt is not None and not entry.done and entry.failure is None:
                     if isinstance(owned.state, BatchState):
@@ -146,6 +154,11 @@ class Dispatcher:
                         again.extend((owned, e, attempt) for e in owned.state.rebatch(entry))
                     else:
                         again.append((owned, entry, attempt))
+        if successors:
+            try:
+                self.enqueue(successors)
+            except PartialDispatch as e:
+                raise e.cause from None
         if not again:
             return
         named = ", ".join(f"{o.where}@{e.offset}" for o, e, _ in again[:_NAMED])

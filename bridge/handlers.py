@@ -71,6 +71,7 @@ def kafka_handler(
     batch_size: int | None = None,
     batch_timeout: float | None = None,
     batch_by: BatchBy = "partition",
+    max_redispatches: int | None = 3,
 ) -> Callable[[ActorT], ActorT]:
     """Make a dramatiq actor the handler of one or more Kafka topics.
 
@@ -97,6 +98,11 @@ def kafka_handler(
         (contiguous runs of several partitions of one topic in one call, for many low-volume
         partitions; each partition's records stay in offset order, and in ``partition`` and
         ``key`` order a partition's next run starts after its previous one finished).
+      max_redispatches: how many times a record is run again after the worker running it died
+        (killed, crashed, cut off from Redis: no sign of life) before it is given up as a final
+        failure with reason ``stuck``, so that a record that crashes its workers cannot hold its
+        partition forever. ``None`` never gives up. A message lost before any worker started it
+        is dispatched again without limit.
 
     The lane (dramatiq queue) of each record is managed by the bridge and cannot be chosen.
 
@@ -128,6 +134,13 @@ def kafka_handler(
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise HandlerError(f"kafka_handler for actor {name!r}: window={window!r} must be a positive integer")
 
+        if max_redispatches is not None and (
+            isinstance(max_redispatches, bool) or not isinstance(max_redispatches, int) or max_redispatches < 0
+        ):
+            raise HandlerError(
+                f"kafka_handler for actor {name!r}: max_redispatches={max_redispatches!r} must be a non-negative "
+                "integer or None"
+            )
         if not isinstance(dead_letter_topic, bool) and (
             not isinstance(dead_letter_topic, str) or not _TOPIC.match(dead_letter_topic)
         ):
@@ -142,7 +155,7 @@ def kafka_handler(
         batch = _batch_options(name, batch_size, batch_timeout, batch_by, ordering, message_format)
         handler = Handler(
             actor, topic_list, ordering, message_format, key_codec, value_codec, offset_reset, window,
-            dead_letter_topic, batch,
+            dead_letter_topic, batch, max_redispatches,
         )
         try:
             registry.add(handler)

@@ -39,7 +39,7 @@ class Intake:
         ts_type, ts = message.timestamp()
         size = len(key or b"") + len(value or b"") + sum(len(n) + len(v or b"") for n, v in headers or ())
         env = envelope(owned.topic, owned.partition, offset, key, value, headers, ts if ts_type else None)
-        entry = owned.state.deliver(offset, key, env, size, now)
+        entry = owned.state.deliver(offset, key, env, size, now, ts if ts_type else None)
         self._stats.delivered += 1
         if owned.letters.adopted and not entry.done:
             detail = owned.letters.adopted.pop(entry.offset, None)

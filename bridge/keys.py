@@ -81,6 +81,11 @@ class PartitionKeys:
         return f"{self.prefix}:next"
 
     @property
+    def died(self) -> str:
+        """Hash of offset -> how many copies of the record died while running (max_redispatches)."""
+        return f"{self.prefix}:died"
+
+    @property
     def script_keys(self) -> list[str]:
         """Every key of the partition, in the order the ledger's scripts take them (lua/common.lua)."""
         return [
@@ -93,6 +98,7 @@ class PartitionKeys:
             self.fresh,
             self.beats,
             self.staged,
+            self.died,
         ]
 
     @property

@@ -39,6 +39,12 @@ class PartitionView:
     in_flight: int
     oldest_unfinished_age: float | None
     paused: bool
+    #: Now minus the timestamp of the oldest record not yet committed; 0 when caught up, None
+    #: while unknown.
+    lag_seconds: float | None = None
+    #: The record holding the partition (:mod:`bridge.stuck`) and seconds since its dispatch.
+    holding_offset: int | None = None
+    holding_age: float | None = None
 
     @property
     def lag(self) -> int | None:
@@ -139,11 +145,18 @@ def _partition_gauges(partitions: tuple[PartitionView, ...]) -> Iterator[Metric]
         "end": GaugeMetricFamily(PREFIX + "partition_end_offset", "High watermark of the partition.", labels=labels),
         "lag": GaugeMetricFamily(
             PREFIX + "partition_lag_records", "End offset minus committed offset.", labels=labels),
+        "lag_seconds": GaugeMetricFamily(
+            PREFIX + "partition_lag_seconds",
+            "Now minus the timestamp of the oldest record not yet committed (0 when caught up).", labels=labels),
         "in_flight": GaugeMetricFamily(
             PREFIX + "partition_in_flight_records", "Records taken from Kafka and not yet done.", labels=labels),
         "age": GaugeMetricFamily(
             PREFIX + "partition_oldest_unfinished_age_seconds",
             "Seconds since the oldest unfinished record was dispatched (0 when none).", labels=labels),
+        "holding": GaugeMetricFamily(
+            PREFIX + "partition_holding_record_age_seconds",
+            "Seconds since the record holding the partition (its oldest unfinished, with later records behind it) "
+            "was dispatched (0 when none).", labels=labels),
         "paused": GaugeMetricFamily(
             PREFIX + "partition_paused", "1 while fetching is paused (window full, outage, handover).",
             labels=labels),
@@ -156,7 +169,10 @@ def _partition_gauges(partitions: tuple[PartitionView, ...]) -> Iterator[Metric]
             families["end"].add_metric(key, p.end)
         if (lag := p.lag) is not None:
             families["lag"].add_metric(key, lag)
+        if p.lag_seconds is not None:
+            families["lag_seconds"].add_metric(key, p.lag_seconds)
         families["in_flight"].add_metric(key, p.in_flight)
         families["age"].add_metric(key, p.oldest_unfinished_age or 0.0)
+        families["holding"].add_metric(key, p.holding_age or 0.0)
         families["paused"].add_metric(key, 1 if p.paused else 0)
     yield from families.values()

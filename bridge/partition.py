@@ -33,6 +33,8 @@ class Entry:
     checked_at: float = 0.0
     attempts: int = 0
     size: int = 0
+    #: The record's Kafka timestamp (ms), kept once it is done: the time lag reads it.
+    timestamp: int | None = None
     #: A final failure awaiting its dead letter: the failure detail.
     failure: dict[str, Any] | None = None
     #: Dead letter state: 0 none, -1 being written, > 0 monotonic time of the next try.
@@ -111,12 +113,15 @@ class PartitionState:
             return _WHOLE_PARTITION
         return key
 
-    def deliver(self, offset: int, key: bytes | None, payload: Any, size: int = 0, now: float = 0.0) -> Entry:
+    def deliver(
+        self, offset: int, key: bytes | None, payload: Any, size: int = 0, now: float = 0.0,
+        timestamp: int | None = None,
+    ) -> Entry:
         """Accept a polled record. Offsets must increase; a record the ledger already shows
         done is accepted as done and never dispatched."""
         if self._entries and offset <= self._entries[-1].offset:
             raise ValueError(f"offset {offset} delivered out of order after {self._entries[-1].offset}")
-        entry = Entry(offset, self.group_of(key), payload, size=size, delivered_at=now)
+        entry = Entry(offset, self.group_of(key), payload, size=size, delivered_at=now, timestamp=timestamp)
         self._entries.append(entry)
         self._by_offset[offset] = entry
         if self._next_commit is None:
@@ -306,6 +311,19 @@ class PartitionState:
     @property
     def last_delivered(self) -> int | None:
         return self._entries[-1].offset if self._entries else None
+
+    def head(self) -> Entry | None:
+        """The oldest record not done: the one the commit waits for."""
+        return next((e for e in self._entries if not e.done), None)
+
+    def oldest_uncommitted(self) -> tuple[int | None, int | None]:
+        """The offset and Kafka timestamp of the oldest record held and not yet committed (done
+        records stay until the commit passes them); when none is held, the next offset to commit
+        and no timestamp (that record was not fetched yet)."""
+        if self._entries:
+            first = self._entries[0]
+            return first.offset, first.timestamp
+        return self._next_commit, None
 
     def oldest_unfinished_dispatch(self) -> float | None:
         times = [e.dispatched_at for e in self._entries if e.dispatched and not e.done]  # failing ones too

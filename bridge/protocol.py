@@ -52,6 +52,8 @@ class Reason(enum.StrEnum):
     FINAL_FAILURE = "final-failure"
     UNDECODABLE = "undecodable"
     TOO_LARGE = "too-large"
+    #: Its workers kept dying while running it (``max_redispatches``).
+    STUCK = "stuck"
 
 
 @dataclass(frozen=True, slots=True)

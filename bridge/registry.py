@@ -58,6 +58,8 @@ class Handler:
     dead_letter_topic: str | bool = True
     #: Set for a batch handler (its actor takes ``list[Record]``).
     batch: BatchOptions | None = None
+    #: Runs after a copy died running it before the record is given up as ``stuck``; None: never.
+    max_redispatches: int | None = 3
 
     @property
     def name(self) -> str:

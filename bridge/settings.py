@@ -190,6 +190,14 @@ class Settings(WorkerSettings):
             "lane."
         ),
     )
+    stuck_after: float = Field(
+        300.0, ge=0, le=7 * 86400,
+        description=(
+            "Seconds a record may hold its partition (the oldest unfinished record, with later records waiting"
+            " or done behind it) before one WARNING names it; `0` turns the warning off. Its offset and age are"
+            " in `status` and on `/metrics` either way. See [stuck records](failures.md#stuck-records)."
+        ),
+    )
     max_message_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024,
         description=(

@@ -53,8 +53,11 @@ class Stats:
         """Start the rate window of the next summary."""
         self._last = (now, self.dispatched, self.done)
 
-    def summary(self, now: float, *, in_flight: int, lag: int, partitions: int, paused: int) -> str:
-        """One log line; rates are per second since the previous summary."""
+    def summary(
+        self, now: float, *, in_flight: int, lag: int, partitions: int, paused: int, lag_seconds: float | None = None
+    ) -> str:
+        """One log line; rates are per second since the previous summary; ``lag_seconds`` is the
+        largest time lag of a partition."""
         if self._last is None:
             dispatch_rate = done_rate = 0.0
         else:
@@ -65,6 +68,7 @@ class Stats:
         self._last = (now, self.dispatched, self.done)
         return (
             f"progress: dispatched {dispatch_rate:.0f}/s, done {done_rate:.0f}/s, in-flight {in_flight}, "
-            f"lag {lag}, partitions {partitions} ({paused} paused), failed {self.failed}, "
+            f"lag {lag}{'' if lag_seconds is None else f' ({lag_seconds:.0f}s)'}, partitions {partitions} "
+            f"({paused} paused), failed {self.failed}, "
             f"dead-lettered {self.dead_lettered}, re-dispatched {self.redispatched}, total done {self.done}"
         )

@@ -1,7 +1,8 @@
-"""``status``: per partition committed offset, end offset, lag and what the ledger holds.
+"""``status``: per partition committed offset, end offset, lag in records and in seconds, and what
+the ledger holds.
 
-Reads Kafka (committed and end offsets) and the ledger (the summary each bridge publishes), so it
-works whether or not a bridge is running.
+Reads Kafka (committed and end offsets, and the timestamp of the record at the committed offset)
+and the ledger (the summary each bridge publishes), so it works whether or not a bridge is running.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from .consumer import consumer_config
 from .errors import KafkaUnavailable, LedgerUnavailable
@@ -19,6 +20,7 @@ from .keys import PartitionKeys, status_key
 from .ledger import connect
 from .registry import Handler
 from .settings import Settings
+from .timelag import lag_seconds, read_timestamps
 
 #: Errors that can clear while the command waits: a broker not reachable yet, or one whose group
 #: coordinator is still loading or moving.
@@ -81,6 +83,15 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
                 timeout,
             )
             ends[(tp.topic, tp.partition)] = high
+        # The oldest record not committed, read from Kafka: true while no bridge runs or while the
+        # partition is paused.
+        behind = {k: (c if c >= 0 else OFFSET_BEGINNING) for k, c in committed.items() if ends[k] > max(c, 0)}
+        try:
+            timestamps = read_timestamps(consumer, behind, min(timeout, 5.0))
+        except KafkaException as e:
+            where = settings.bootstrap_servers
+            raise KafkaUnavailable(f"cannot reach Kafka at {where} (record timestamps): {e}") from e
+        wall = time.time()
     finally:
         consumer.close()
 
@@ -109,6 +120,7 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
         end = ends[key]
         commit = committed[key]
         info = published.get(f"{tp.topic}|{tp.partition}", {})
+        lag = end - commit if commit >= 0 else end
         rows.append(
             {
                 "topic": tp.topic,
@@ -116,12 +128,15 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
                 "handler": handlers[tp.topic].name,
                 "committed": commit if commit >= 0 else None,
                 "end": end,
-                "lag": end - commit if commit >= 0 else end,
+                "lag": lag,
+                "lag_s": lag_seconds(lag, timestamps.get(key), wall),
                 "in_flight": info.get("in_flight"),
                 # Batch handlers: batch messages dispatched and not wholly final.
                 "in_flight_batches": info.get("batches"),
                 "running": running[key],
                 "oldest_age_s": info.get("oldest_age_s"),
+                "holding_offset": info.get("holding_offset"),
+                "holding_age_s": info.get("holding_age_s"),
                 "owner": info.get("owner"),
                 "epoch": info.get("epoch"),
                 "reported_s_ago": round((now_ms - info["updated_ms"]) / 1000, 1) if info else None,
@@ -130,7 +145,15 @@ def collect(settings: Settings, handlers: Mapping[str, Handler], timeout: float 
     return rows
 
 
-_COLUMNS = ("topic", "partition", "committed", "end", "lag", "in_flight", "oldest_age_s", "owner", "reported_s_ago")
+_COLUMNS = ("topic", "partition", "committed", "end", "lag", "lag_s", "in_flight", "oldest_age_s", "holding_offset",
+            "holding_age_s", "owner", "reported_s_ago")
+
+
+def _title(column: str) -> str:
+    for suffix, unit in (("_s_ago", " (s ago)"), ("_s", " (s)")):
+        if column.endswith(suffix):
+            column = column[: -len(suffix)] + unit
+    return column.replace("_", " ")
 
 
 def _cell(row: dict[str, Any], column: str) -> str:
@@ -145,7 +168,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
 def render(rows: list[dict[str, Any]], as_json: bool) -> str:
     if as_json:
         return json.dumps(rows, indent=2)
-    header = [c.replace("_s_ago", " (s ago)").replace("_s", " (s)").replace("_", " ") for c in _COLUMNS]
+    header = [_title(c) for c in _COLUMNS]
     table = [header] + [[_cell(r, c) for c in _COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]

@@ -13,6 +13,7 @@ from devstack.kafka import KafkaServer, build_class_archive
 from devstack.kafka_artifacts import fetch_kafka
 from devstack.kafka_cluster import KafkaCluster
 from devstack.kafka_config import DEFAULT_KAFKA_VERSION, TESTED_KAFKA_VERSIONS, kafka_release
+from devstack.lifetime import outliving
 from devstack.paths import default_data_dir
 from devstack.process import Service, ServiceError, stop_foreign_pids
 from devstack.redis import RedisServer
@@ -86,8 +87,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         elif any(pid is not None for pid in pids):
             raise ServiceError(f"{stack.name} is partly running (pids {_join(pids)}): run `down` first")
         else:
-            seconds = stack.start(args.timeout)
             # The processes outlive this command; `down` finds them again through their pidfiles.
+            with outliving():
+                seconds = stack.start(args.timeout)
             print(f"{stack.name}: started in {seconds:.1f}s (pids {_join(stack.pids())}, logs in {args.data})")
         print(f"{stack.name}: {stack.address()}")
         exports.append(f"{stack.variable}={stack.address()}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
@@ -363,18 +363,31 @@ def _ignore_error(_error: object) -> None:
     """Connection errors while the broker boots are the expected answer, not a failure."""
 
 
+def _probe_config(bootstrap_servers: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        # Retry fast while the port is still closed, instead of backing off to 10 s.
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 250,
+    }
+
+
 def quiet_admin(bootstrap_servers: str) -> AdminClient:
-    """An AdminClient for probing brokers that may be down: it retries fast and logs nothing."""
-    return AdminClient(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            # Retry fast while the port is still closed, instead of backing off to 10 s.
-            "reconnect.backoff.ms": 50,
-            "reconnect.backoff.max.ms": 250,
-        },
-        logger=_QUIET,
-        error_cb=_ignore_error,
-    )
+    """An AdminClient for probing brokers that may be down: it retries fast and logs nothing.
+
+    Never ask it anything of a group coordinator (``describe_consumer_groups``,
+    ``list_consumer_group_offsets``, ...): use :func:`quiet_consumer`. librdkafka frees such
+    a request when it times out before the coordinator is reachable, and touches it again
+    once the coordinator is: an assertion then aborts the whole process.
+    """
+    return AdminClient(_probe_config(bootstrap_servers), logger=_QUIET, error_cb=_ignore_error)
+
+
+def quiet_consumer(bootstrap_servers: str, group: str) -> Consumer:
+    """A consumer of ``group`` for asking its coordinator, like :func:`quiet_admin` retrying
+    fast and logging nothing; it commits nothing."""
+    config = {**_probe_config(bootstrap_servers), "group.id": group, "enable.auto.commit": False}
+    return Consumer(config, logger=_QUIET, error_cb=_ignore_error)
 
 
 def build_class_archive(version: str = DEFAULT_KAFKA_VERSION) -> Path | None:

@@ -15,12 +15,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._metadata import ClusterMetadata, PartitionMetadata, TopicMetadata
 from confluent_kafka.cimpl import NewTopic
 
-from devstack.kafka import KafkaServer, new_cluster_id, quiet_admin
+from devstack.kafka import KafkaServer, new_cluster_id, quiet_admin, quiet_consumer
 from devstack.kafka_config import DEFAULT_KAFKA_VERSION, BrokerNode, KafkaRelease, kafka_release
 from devstack.ports import free_ports
 from devstack.process import ServiceError, poll, stop_all, wait_all_ready
@@ -29,6 +29,10 @@ from devstack.process import ServiceError, poll, stop_all, wait_all_ready
 CLUSTER_HEAP_MB = 384
 #: Consumer groups keep their offsets here; created at start so groups work with a broker down.
 OFFSETS_TOPIC = "__consumer_offsets"
+#: The group whose coordinator start asks for, which creates the offsets topic.
+WARM_UP_GROUP = "devstack-warm-up"
+#: Longest single wait for a group coordinator's answer; the wait as a whole is longer.
+COORDINATOR_REQUEST_TIMEOUT = 5.0
 
 T = TypeVar("T")
 
@@ -161,13 +165,14 @@ class KafkaCluster:
         """Format every node on first use, launch them all and wait until they form the cluster.
 
         Ready means every node is a live broker in the metadata and the consumer offsets
-        topic exists with all its replicas in sync. Returns the seconds that took; raises
-        :class:`ServiceError` naming the node and its logs (and kills every node) otherwise.
+        topic exists with all its replicas in sync. ``timeout`` counts from the launch, as for
+        a single server: formatting the nodes (a JVM each) does not use it up. Returns the
+        seconds from preparation to ready; raises :class:`ServiceError` naming the node and
+        its logs (and kills every node) otherwise.
         """
         if any(node.running for node in self._nodes.values()):
             raise ServiceError(f"the Kafka cluster in {self.data_dir} is already running")
         began = time.monotonic()
-        deadline = began + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._plan is None:
             self._plan = self._new_plan()
@@ -177,9 +182,19 @@ class KafkaCluster:
         try:
             for node in nodes:
                 node.launch()
-            wait_all_ready(nodes, max(1.0, deadline - time.monotonic()))
-            self.wait_brokers(self.node_ids, timeout=max(1.0, deadline - time.monotonic()))
-            self._create_offsets_topic(max(1.0, deadline - time.monotonic()))
+            launched = time.monotonic()
+            deadline = launched + timeout
+            try:
+                wait_all_ready(nodes, timeout)
+                self.wait_brokers(self.node_ids, timeout=_left(deadline))
+                self._create_offsets_topic(_left(deadline))
+            except ServiceError as exc:
+                # Each step only knows its share of the budget; say what the whole start had.
+                raise ServiceError(
+                    f"the Kafka cluster in {self.data_dir} was not ready {time.monotonic() - launched:.0f}s after "
+                    f"its nodes were launched (start timeout {timeout:.0f}s from the launch; preparing and "
+                    f"launching took {launched - began:.0f}s before that): {exc}"
+                ) from exc
         except BaseException:
             for node in nodes:
                 node.kill()
@@ -299,6 +314,25 @@ class KafkaCluster:
 
         _poll(full, timeout, state)
 
+    def wait_group_coordinator(self, group: str, timeout: float = 60) -> None:
+        """Wait until the coordinator of consumer group ``group`` answers a committed-offsets request.
+
+        Asked by a consumer of the group, never by an admin client (see
+        :func:`~devstack.kafka.quiet_admin`): the coordinator may stay out of reach for longer
+        than one request waits, as while the offsets topic is being created.
+        """
+        deadline = time.monotonic() + timeout
+        consumer = quiet_consumer(self.bootstrap_servers, group)
+        probe = [TopicPartition(OFFSETS_TOPIC, 0)]
+        try:
+            _poll(
+                lambda: consumer.committed(probe, timeout=min(COORDINATOR_REQUEST_TIMEOUT, _left(deadline, 0.5))),
+                timeout,
+                lambda: f"the coordinator of group {group} did not answer",
+            )
+        finally:
+            consumer.close()
+
     # -- internals ----------------------------------------------------------------------
 
     def _topic(self, topic: str, timeout: float = 10) -> TopicMetadata:
@@ -327,19 +361,9 @@ class KafkaCluster:
         # The group coordinator creates the offsets topic on the first FindCoordinator
         # request, with the configured replication factor, which needs every broker up. A
         # cluster that loses a broker before any group was used could serve no group at all.
-        admin = self._admin or quiet_admin(self.bootstrap_servers)
-        self._admin = admin
-
-        def exists() -> bool:
-            try:
-                admin.describe_consumer_groups(["devstack-warm-up"], request_timeout=5)["devstack-warm-up"].result()
-            except KafkaException:
-                return False
-            topic = self.metadata(OFFSETS_TOPIC).topics.get(OFFSETS_TOPIC)
-            return topic is not None and topic.error is None and bool(topic.partitions)
-
-        _poll(exists, timeout, lambda: f"{OFFSETS_TOPIC} was not created")
-        self.wait_isr_full(OFFSETS_TOPIC, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        self.wait_group_coordinator(WARM_UP_GROUP, timeout=timeout)
+        self.wait_isr_full(OFFSETS_TOPIC, timeout=_left(deadline))
 
     def _new_plan(self) -> dict[str, Any]:
         ports = free_ports(2 * self._brokers)
@@ -377,6 +401,11 @@ class KafkaCluster:
             )
             for node_id in sorted(ports)
         }
+
+
+def _left(deadline: float, floor: float = 1.0) -> float:
+    """Seconds until ``deadline``, but at least ``floor``: a step reached late still gets one look."""
+    return max(floor, deadline - time.monotonic())
 
 
 def _poll(predicate: Callable[[], T | None], timeout: float, explain: Callable[[], str]) -> T:

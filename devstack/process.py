@@ -13,6 +13,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self, TypeVar
 
+from devstack.lifetime import tied_to_this_process
+
 T = TypeVar("T")
 
 
@@ -376,7 +378,7 @@ class Service(abc.ABC):
         log: IO[bytes]
         with self.console_log.open("ab") as log:
             # A new session keeps a terminal's Ctrl-C away from the server: only
-            # stop() decides when it ends.
+            # stop(), or the end of this process, decides when it ends.
             return subprocess.Popen(
                 argv,
                 cwd=self.data_dir,
@@ -384,6 +386,7 @@ class Service(abc.ABC):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=tied_to_this_process(),
             )
 
     def _signal(self, sig: signal.Signals) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from devstack.lifetime import tied_to_this_process
 from devstack.ports import HOST, free_port
 from devstack.process import Service, ServiceError
 
@@ -73,7 +74,8 @@ class RabbitServer(Service):
 
     @property
     def cmdline_markers(self) -> list[str]:
-        return ["beam", self.node]
+        # The node name reaches the VM through the environment only; HOME (the data dir) is an argument.
+        return ["beam", "-home", str(self.data_dir)]
 
     def _log_files(self) -> list[Path]:
         return [self.console_log, *sorted((self.data_dir / "log").glob("*.log"))]
@@ -107,7 +109,7 @@ class RabbitServer(Service):
         self._epmd = subprocess.Popen(
             [_epmd_binary(), "-port", str(self._ports["epmd"]), "-address", HOST],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=tied_to_this_process(),
         )
 
     def _command(self) -> list[str]:
@@ -130,11 +132,14 @@ class RabbitServer(Service):
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(data / "enabled_plugins"),
             "RABBITMQ_CONF_ENV_FILE": str(data / "rabbitmq-env.conf"),
             "RABBITMQ_PID_FILE": str(data / "rabbitmq.beam.pid"),
+            # The script then execs the Erlang VM instead of running it as its own child: the pid
+            # we start (and write to the pidfile) is the VM's, and SIGTERM reaches it directly.
+            "RUNNING_UNDER_SYSTEMD": "true",
         }
         with self.console_log.open("ab") as log:
             return subprocess.Popen(
                 argv, cwd=data, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=tied_to_this_process(),
             )
 
     def _ready(self, budget: float) -> bool:

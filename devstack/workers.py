@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from devstack.lifetime import tied_to_this_process
 from devstack.process import ServiceError, tail
 
 READY_LINE = "Worker process is ready for action."
@@ -102,6 +103,9 @@ class DramatiqWorkers:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop() can reach every child
+                # SIGTERM, not SIGKILL: the dramatiq parent then stops the worker processes it
+                # forked, which the kernel would not signal.
+                preexec_fn=tied_to_this_process(signal.SIGTERM),
             )
         try:
             while True:

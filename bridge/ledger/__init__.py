@@ -3,7 +3,7 @@
 from .batches import BatchEnd
 from .client import Ledger, LedgerError
 from .connection import connect
-from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
+from .facts import Beats, End, Finished, Handover, Progress, Stale, StartResult, Stuck, Try
 
 __all__ = [
     "BatchEnd",
@@ -16,6 +16,7 @@ __all__ = [
     "Progress",
     "Stale",
     "StartResult",
+    "Stuck",
     "Try",
     "connect",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..keys import PartitionKeys
 from ..protocol import failure_json
-from .facts import End, Try
+from .facts import End, Progress, Stale, Stuck, Try
 
 #: Records per call: Lua unpacks a script's arguments on a bounded stack.
 CHUNK = 500
@@ -18,6 +18,27 @@ CHUNK = 500
 def pairs(flat: Sequence[Any]) -> dict[int, dict[str, Any]]:
     """A flat reply of offsets and JSON details, as a dict."""
     return {int(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def stale_args(
+    keys: PartitionKeys, offsets: Sequence[int], timeout: float, limit: int | None, epoch: int, live: float
+) -> list[Any]:
+    """``stale.lua``'s arguments for one partition."""
+    return [int(timeout * 1000), -1 if limit is None else limit, epoch, keys.finished_channel, int(live * 1000),
+            *offsets]
+
+
+def stale_answer(reply: Sequence[Any]) -> Stale:
+    """``stale.lua``'s reply: done offsets, (offset, detail) pairs, (offset, attempt) pairs and
+    (offset, detail, successor or -1) triples."""
+    done, failed, again, stuck = reply
+    numbers = [int(v) for v in again]
+    given_up = {
+        int(stuck[i]): Stuck(json.loads(stuck[i + 1]), int(stuck[i + 2]) if int(stuck[i + 2]) >= 0 else None)
+        for i in range(0, len(stuck), 3)
+    }
+    return Stale(Progress([int(o) for o in done], pairs(failed)), dict(zip(numbers[::2], numbers[1::2], strict=True)),
+                 given_up)
 
 
 def many_calls(

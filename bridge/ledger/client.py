@@ -21,7 +21,7 @@ import redis
 from ..errors import LedgerAccessDenied, LedgerUnavailable
 from ..keys import LANES_KEY, LANES_SEEN_KEY, PartitionKeys
 from ..protocol import failure_json
-from .batches import BatchEnd, batch_args, many_calls, pairs
+from .batches import BatchEnd, batch_args, many_calls, pairs, stale_answer, stale_args
 from .connection import safe_url
 from .facts import START_CODES, Beats, End, Finished, Handover, Progress, Stale, StartResult, Try
 from .scripts import SCRIPTS, failure, script
@@ -253,25 +253,25 @@ class Ledger:
             )
         return result
 
-    def stale(self, partitions: Mapping[PartitionKeys, Sequence[int]], timeout: float) -> dict[PartitionKeys, Stale]:
+    def stale(self, partitions: Mapping[PartitionKeys, Sequence[int]], timeout: float,
+              limits: Mapping[PartitionKeys, tuple[int | None, int]] | None = None,
+              live: float = 15.0) -> dict[PartitionKeys, Stale]:
         """Look at dispatched records that showed no progress, one round trip for all partitions:
         done or failed meanwhile, or without a sign of life for ``timeout`` (judged on the Redis
-        clock; a scheduled retry's sign of life is its eta): those get a new attempt number."""
+        clock; a scheduled retry's sign of life is its eta): those get a new attempt number. With
+        ``limits`` (keys -> (max_redispatches or None, the owner's epoch)), a record whose copies
+        died running (no sign of life for ``live``) more often than that, none running now, is
+        recorded as a final failure with reason ``stuck``."""
         items = [(keys, offsets) for keys, offsets in partitions.items() if offsets]
         if not items:
             return {}
+        given = limits or {}
+        calls = [("stale", k, stale_args(k, found, timeout, *given.get(k, (None, 0)), live)) for k, found in items]
         try:
-            replies = self._batch([("stale", keys, [int(timeout * 1000), *offsets]) for keys, offsets in items])
+            replies = self._batch(calls)
         except redis.RedisError as e:
             raise failure("checking records without progress", e) from e
-        result = {}
-        for (keys, _), (done, failed, again) in zip(items, replies, strict=True):
-            numbers = [int(v) for v in again]
-            result[keys] = Stale(
-                Progress([int(o) for o in done], pairs(failed)),
-                dict(zip(numbers[::2], numbers[1::2], strict=True)),
-            )
-        return result
+        return {keys: stale_answer(reply) for (keys, _), reply in zip(items, replies, strict=True)}
 
     def fail(self, failures: Mapping[PartitionKeys, Sequence[tuple[int, int, Mapping[str, Any]]]]) -> None:
         """Record final failures the bridge decided itself: keys -> (offset, epoch, detail)."""

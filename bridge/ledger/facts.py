@@ -26,12 +26,22 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class Stuck:
+    """A record given up because its workers kept dying while running it: the failure detail the
+    ledger recorded, and the record staged behind it (to put on its lane now), if any."""
+
+    detail: dict[str, Any]
+    successor: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Stale:
-    """The answer about records that showed no progress: done or failed meanwhile, or to be
-    dispatched again under the attempt number given."""
+    """The answer about records that showed no progress: done or failed meanwhile, given up as
+    stuck, or to be dispatched again under the attempt number given."""
 
     progress: Progress
     again: dict[int, int]
+    stuck: dict[int, Stuck] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

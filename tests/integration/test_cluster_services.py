@@ -3,6 +3,11 @@ that keeps serving with a broker down, and every tested Kafka version round-trip
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +16,10 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from redis.crc import key_slot
 
-from devstack import TESTED_KAFKA_VERSIONS, KafkaCluster, KafkaServer, RedisCluster
+from devstack import TESTED_KAFKA_VERSIONS, KafkaCluster, KafkaServer, RedisCluster, ServiceError
+from devstack.kafka_cluster import COORDINATOR_REQUEST_TIMEOUT, OFFSETS_TOPIC
 from tests.integration.test_services import RECORDS, assert_complete_and_ordered
+from tests.support.bridge_proc import REPO
 from tests.support.kafka import (
     committed_offsets,
     consume_committing,
@@ -130,6 +137,79 @@ def test_a_lua_script_over_keys_of_one_hash_tag_runs_and_keys_of_two_slots_are_r
 
 
 # -- Kafka cluster ------------------------------------------------------------------------------------
+
+
+def test_a_cluster_start_out_of_time_kills_every_node_and_says_how_long_it_waited_after_the_launch(
+    tmp_path: Path,
+) -> None:
+    cluster = KafkaCluster(tmp_path / "cluster", version=os.environ.get("BRIDGE_TEST_KAFKA_VERSION") or None)
+    began = time.monotonic()
+    with pytest.raises(ServiceError) as raised:
+        cluster.start(timeout=1)
+    took = time.monotonic() - began
+
+    message = str(raised.value)
+    headline = re.match(
+        r"the Kafka cluster in \S+ was not ready (\d+)s after its nodes were launched "
+        r"\(start timeout 1s from the launch; preparing and launching took (\d+)s before that\): ",
+        message,
+    )
+    assert headline is not None, message
+    waited, launching = int(headline[1]), int(headline[2])
+    assert waited >= 1
+    assert waited + launching <= took + 1  # each rounded to whole seconds
+    assert all(f"kafka-{i} ({cluster.node(i).data_dir})" in message for i in cluster.node_ids)
+    assert cluster.running_ids() == []
+
+
+#: All brokers stay frozen this long: longer than two of the coordinator wait's requests.
+FROZEN = 2.5 * COORDINATOR_REQUEST_TIMEOUT
+
+# Waits for the coordinator of a group through a cluster that is frozen, then stays around while
+# lookups given up in the meantime finish.
+_WAITER = """
+import sys, time
+from devstack import KafkaCluster
+cluster = KafkaCluster(sys.argv[1])
+began = time.monotonic()
+print("asking", flush=True)
+cluster.wait_group_coordinator(sys.argv[2], timeout=180)
+print(f"answered after {time.monotonic() - began:.1f}s", flush=True)
+cluster.wait_brokers(cluster.node_ids, timeout=120)
+time.sleep(3)
+print("alive", flush=True)
+"""
+
+
+def test_a_process_waiting_for_a_group_coordinator_through_a_frozen_cluster_gets_its_answer_and_lives_on(
+    kafka_cluster: KafkaCluster,
+) -> None:
+    # A process of its own, so that a native abort fails this test, with the library's last words
+    # on its stderr, instead of ending the session.
+    nodes = list(kafka_cluster.nodes.values())
+    for node in nodes:
+        node.pause()
+    try:
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", _WAITER, str(kafka_cluster.data_dir), unique_name("group")],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert waiter.stdout is not None
+        assert waiter.stdout.readline() == "asking\n"
+        time.sleep(FROZEN)
+    finally:
+        for node in nodes:
+            node.resume()
+    out, err = waiter.communicate(timeout=300)
+
+    assert waiter.returncode == 0, err
+    answered = re.search(r"answered after ([\d.]+)s", out)
+    assert answered is not None, out
+    assert float(answered[1]) >= FROZEN
+    assert out.endswith("alive\n")
+    kafka_cluster.wait_brokers(kafka_cluster.node_ids)
+    kafka_cluster.wait_isr_full(OFFSETS_TOPIC)
 
 
 def produce_half(cluster: KafkaCluster, topic: str, first: int) -> None:

@@ -18,18 +18,25 @@ check order, overlap, duplicates and completeness from a single totally ordered 
   KDB_TEST_BROKER_URL   Redis of the task broker and the history (default BRIDGE_REDIS_URL, the ledger)
   KDB_TEST_HISTORY_URL  Redis of the history (default the task broker's)
   KDB_TEST_PROTOCOL_VERSION  the protocol version a bridge writes (a later release's, for upgrade tests)
+  KDB_TEST_KILL_KEYS    comma-separated record keys whose handler SIGKILLs its own worker process (each
+                        kill first counts itself in the Redis counter KDB_TEST_EVENTS + ":kills")
+  KDB_TEST_MAX_REDISPATCHES  the handler's max_redispatches ("none": no limit; default: the handler's)
+  KDB_TEST_BROKER_HEARTBEAT_MS  the Redis broker's heartbeat_timeout, with maintenance on every call: a
+                        dead worker's unacknowledged messages come back that soon (dramatiq: 60 s, by chance)
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 import uuid
+from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 from dramatiq.middleware import CurrentMessage
 
 from bridge import Record, kafka_handler, protocol
@@ -49,7 +56,9 @@ if RABBITMQ_URL:
 
     broker = RabbitmqBroker(url=RABBITMQ_URL)
 else:
-    broker = RedisBroker(url=TASKS_URL)
+    _heartbeat = os.environ.get("KDB_TEST_BROKER_HEARTBEAT_MS")
+    _timing = {"heartbeat_timeout": int(_heartbeat), "maintenance_chance": MAINTENANCE_SCALE} if _heartbeat else {}
+    broker = RedisBroker(url=TASKS_URL, **_timing)
 broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
@@ -61,6 +70,7 @@ _low, _, _high = _sleep.partition("-")
 SLEEP = (float(_low) / 1000, float(_high or _low) / 1000)
 FAIL_KEYS = {k.encode() for k in os.environ.get("KDB_TEST_FAIL_KEYS", "").split(",") if k}
 FAIL_SET = os.environ.get("KDB_TEST_FAIL_SET")
+KILL_KEYS = {k.encode() for k in os.environ.get("KDB_TEST_KILL_KEYS", "").split(",") if k}
 SLOW_KEYS = {
     key.encode(): float(ms) / 1000
     for key, _, ms in (item.partition("=") for item in os.environ.get("KDB_TEST_SLOW_KEYS", "").split(",") if item)
@@ -73,6 +83,10 @@ class Planned(Exception):
 
 
 _dlq = os.environ.get("KDB_TEST_DLQ")
+_options: dict[str, Any] = {}
+if os.environ.get("KDB_TEST_MAX_REDISPATCHES"):
+    _limit = os.environ["KDB_TEST_MAX_REDISPATCHES"]
+    _options["max_redispatches"] = None if _limit == "none" else int(_limit)
 
 
 @kafka_handler(
@@ -80,6 +94,7 @@ _dlq = os.environ.get("KDB_TEST_DLQ")
     ordering=os.environ.get("KDB_TEST_ORDERING", "partition"),  # type: ignore[arg-type]
     value_codec=os.environ.get("KDB_TEST_VALUE_CODEC", "bytes"),  # type: ignore[arg-type]
     dead_letter_topic=True if _dlq is None else False if _dlq == "off" else _dlq,
+    **_options,
 )
 @dramatiq.actor(
     max_retries=int(os.environ.get("KDB_TEST_MAX_RETRIES", "0")),
@@ -87,6 +102,9 @@ _dlq = os.environ.get("KDB_TEST_DLQ")
     max_backoff=int(_max_backoff or _min_backoff),
 )
 def record_event(record: Record) -> None:
+    if record.key in KILL_KEYS:
+        _events.incr(EVENTS + ":kills")
+        os.kill(os.getpid(), signal.SIGKILL)
     key = (record.key or b"").decode("utf-8", "backslashreplace")
     message = CurrentMessage.get_current_message()
     epoch = message.options.get("kdb", {}).get("e", 0) if message else 0

@@ -118,6 +118,9 @@ class FakeConsumer:
         self.assigned.clear()
         self.incremental_assign(partitions)
 
+    def unassign(self) -> None:
+        self.assigned.clear()
+
     def incremental_assign(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             key = (tp.topic, tp.partition)

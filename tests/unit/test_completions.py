@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from bridge.completions import Completions, reason_of
+from bridge.finishes import Announcements
 from bridge.ledger import Progress
 from bridge.owned import Partitions
 from bridge.stats import Stats
+from tests.support.waiting import wait_until
 from tests.unit.parts import RecordingRouter, T, deliver, ledger, owned
 
 
@@ -58,3 +60,27 @@ def test_the_reason_of_a_failure_comes_from_its_detail() -> None:
     assert reason_of({"reason": "too-large"}) == "too-large"
     assert reason_of({"error": {"type": "DecodeError"}}) == "undecodable"
     assert reason_of({"error": {"type": "ValueError"}}) == "final-failure"
+
+
+def test_a_round_reads_the_partitions_announced_and_a_sweep_reads_the_rest() -> None:
+    store = ledger()
+    announcements = Announcements(store.client, sweep=3600)
+    partitions = Partitions()
+    room = Completions(store, partitions, RecordingRouter(), Stats(), None, announcements)  # type: ignore[arg-type]
+    loud, quiet = owned(0, epoch=5), owned(1, epoch=5)
+    for p in (loud, quiet):
+        partitions.add(p)
+        deliver(p, 0)
+        p.state.take_ready(1)
+    try:
+        room.read(0.0)  # not subscribed yet: reads every partition, as without announcements
+        wait_until(lambda: announcements.take(1.0) is not None, 10, message="never subscribed")
+        store.client.rpush(quiet.keys.fresh, "0")  # recorded without an announcement
+        store.client.rpush(loud.keys.fresh, "0")
+        store.client.publish(loud.keys.finished_channel, "0")
+        wait_until(lambda: (room.read(2.0), loud.state.idle)[1], 10, message="the announced one was not read")
+        assert not quiet.state.idle, "a partition nobody announced waits for the sweep"
+        room.read(3601.0)  # the sweep
+        assert quiet.state.idle
+    finally:
+        announcements.close()

@@ -67,6 +67,9 @@ def test_decorating_a_plain_function_explains_the_decorator_order(stub_broker: S
         ({"key_codec": "avro"}, "key_codec"),
         ({"offset_reset": "none"}, "offset_reset"),
         ({"window": 0}, "window"),
+        ({"max_redispatches": -1}, "handle.*max_redispatches=-1"),
+        ({"max_redispatches": 2.5}, "max_redispatches"),
+        ({"max_redispatches": True}, "max_redispatches"),
     ],
 )
 def test_an_invalid_option_is_an_error_naming_it(stub_broker: StubBroker, options: dict[str, Any], named: str) -> None:
@@ -75,6 +78,19 @@ def test_an_invalid_option_is_an_error_naming_it(stub_broker: StubBroker, option
         @kafka_handler("t", **options)
         @dramatiq.actor
         def handle(record: Record) -> None: ...
+
+
+def test_max_redispatches_defaults_to_three_and_none_never_gives_up(stub_broker: StubBroker) -> None:
+    @kafka_handler("a")
+    @dramatiq.actor
+    def first(record: Record) -> None: ...
+
+    @kafka_handler("b", max_redispatches=None)
+    @dramatiq.actor
+    def second(record: Record) -> None: ...
+
+    found = handlers_by_topic()
+    assert (found["a"].max_redispatches, found["b"].max_redispatches) == (3, None)
 
 
 @pytest.mark.parametrize("topics", [[], ["bad topic"], ["a", "a"], [".."]])

@@ -23,6 +23,7 @@ from bridge.deadletter import producer_config
 from bridge.errors import KafkaUnavailable
 from bridge.settings import load_settings
 from tasks import produce
+from tests.unit.fake_kafka import FakeMessage
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = {"Consumer", "Producer", "AdminClient"}
@@ -128,6 +129,15 @@ class _BusyCoordinator:
         self.calls.append("poll")
         time.sleep(timeout)
 
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append(f"assign {[(tp.topic, tp.partition, tp.offset) for tp in partitions]}")
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        return [FakeMessage("t", 0, 6), FakeMessage("t", 0, 7)]  # a fetch may start before the position
+
+    def unassign(self) -> None:
+        self.calls.append("unassign")
+
     def close(self) -> None:
         self.calls.append("close")
 
@@ -145,6 +155,9 @@ def test_status_asks_again_while_the_group_coordinator_is_loading_and_serves_log
     consumer = _BusyCoordinator([KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS])
     rows = _collect(monkeypatch, consumer, timeout=10)
     assert [(r["topic"], r["partition"], r["committed"], r["lag"]) for r in rows] == [("t", 0, 7, 3)]
+    # The time lag comes from the record at the committed offset, read by assignment, not by a group.
+    assert rows[0]["lag_s"] == pytest.approx(time.time() - 1_700_000_000.007, abs=5)
+    assert [c for c in consumer.calls if "assign" in c] == ["assign [('t', 0, 7)]", "unassign"]
     assert consumer.calls.count("committed") == 3
     # Every call to Kafka is followed by serving the queue that holds librdkafka's log lines.
     asks = [i for i, call in enumerate(consumer.calls) if call in ("list_topics", "committed", "watermarks")]

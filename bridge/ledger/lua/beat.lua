@@ -8,7 +8,8 @@ for i = 2, 1 + 3 * n, 3 do
   local o, k = tonumber(ARGV[i]), ARGV[i + 1]
   local c = registration(o)
   if c ~= nil then
-    if c.k == k and c.s == 'run' then
+    -- A copy the bridge took for dead (stale.lua) that shows life after all runs again.
+    if c.k == k and (c.s == 'run' or c.s == 'dead') then
       register(o, c.e, c.a, c.r, c.k, c.w, now, 'run')
     end
   elseif not is_done(o) and redis.call('HEXISTS', K_FAILED, o) == 0 then

@@ -1,6 +1,6 @@
 -- Shared by the ledger's per-partition scripts. Every script takes the keys of one partition,
 -- in this order (one Redis Cluster hash slot):
-local K_EPOCH, K_DONE, K_RUNNING, K_ATTEMPTS, K_FAILED, K_FLOOR, K_FRESH, K_BEATS, K_STAGED = unpack(KEYS)
+local K_EPOCH, K_DONE, K_RUNNING, K_ATTEMPTS, K_FAILED, K_FLOOR, K_FRESH, K_BEATS, K_STAGED, K_DIED = unpack(KEYS)
 
 -- The one clock every liveness decision uses.
 local function now_ms()
@@ -8,8 +8,14 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+local function floor_offset()
+  return tonumber(redis.call('GET', K_FLOOR) or '-1')
+end
+
+-- Below the floor a record is done even once pruning dropped its fact: a copy of it that the task
+-- broker hands out late (a dead worker's unacknowledged message) must not run again.
 local function is_done(o)
-  return redis.call('ZSCORE', K_DONE, o) ~= false
+  return redis.call('ZSCORE', K_DONE, o) ~= false or o < floor_offset()
 end
 
 -- The copy registered for offset o (bridge/protocol.py, Registration), or nil. Entries written by
@@ -57,7 +63,7 @@ end
 -- runs, and p is done, or failed for good in epoch e or later. A failure of an older epoch is
 -- the older owner's business: the current owner runs p again or settles it itself.
 local function released(p, e, now, live)
-  if p < 0 or p < tonumber(redis.call('GET', K_FLOOR) or '-1') then return true end
+  if p < 0 or p < floor_offset() then return true end
   if runs(registration(p), now, live) then return false end
   if is_done(p) then return true end
   local fe = failure_epoch(p)
@@ -85,13 +91,25 @@ local function decide(e, a, r, k, done, epoch, attempts, c, now, live)
   return 1, r
 end
 
+-- Whether the registered copy c died while running: another copy's, registered as running, no
+-- sign of life for live, and not the try whose retry this copy (e, a, r, k) is. Each death is
+-- counted once: by the copy that takes over (its registration replaces c), or by the bridge's
+-- look at records without progress (stale.lua), which marks c dead.
+local function died(c, e, a, r, k, now, live)
+  if c == nil or c.k == k or c.s ~= 'run' or runs(c, now, live) then return false end
+  return not (c.e == e and c.a == a and c.r < r)
+end
+
 local function start(o, e, a, r, k, w, prev, live, now)
+  local c = registration(o)
+  local dead = died(c, e, a, r, k, now, live)
   local code
   code, r = decide(e, a, r, k, is_done(o), tonumber(redis.call('GET', K_EPOCH) or '0'),
-    tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1'), registration(o), now, live)
+    tonumber(redis.call('HGET', K_ATTEMPTS, o) or '1'), c, now, live)
   if code == 2 then redis.call('RPUSH', K_FRESH, o) end
   if code ~= 1 then return code, r end
   if not released(prev, e, now, live) then return 4, r end
+  if dead then redis.call('HINCRBY', K_DIED, o, 1) end
   register(o, e, a, r, k, w, now, 'run')
   return 1, r
 end

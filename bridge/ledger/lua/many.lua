@@ -40,10 +40,11 @@ write_run()
 if announced then redis.call('PUBLISH', channel, 'batch') end
 if first_start > #ARGV then return {} end
 
--- What every start's verdict needs is read in four calls for all of them.
+-- What every start's verdict needs is read in five calls for all of them.
 local offsets = {}
 for i = first_start, #ARGV, 6 do table.insert(offsets, ARGV[i]) end
 local done = redis.call('ZMSCORE', K_DONE, unpack(offsets))
+local below = floor_offset()
 local attempts = redis.call('HMGET', K_ATTEMPTS, unpack(offsets))
 local running = redis.call('HMGET', K_RUNNING, unpack(offsets))
 local epoch = tonumber(redis.call('GET', K_EPOCH) or '0')
@@ -56,8 +57,11 @@ for n = 1, #offsets do
   local e, a, r, k = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 4]
   local c = registered[o]
   if c == nil then c = parse_registration(running[n]) end
+  local dead = died(c, e, a, r, k, now, live)
   local code
-  code, r = decide(e, a, r, k, done[n] ~= false, epoch, tonumber(attempts[n] or '1'), c, now, live)
+  code, r = decide(e, a, r, k, done[n] ~= false or tonumber(o) < below, epoch, tonumber(attempts[n] or '1'), c,
+    now, live)
+  if code == 1 and dead then redis.call('HINCRBY', K_DIED, o, 1) end
   if code == 1 then
     registered[o] = {e = e, a = a, r = r, k = k, w = ARGV[i + 5], t = now, s = 'run'}
     table.insert(entries, o)
