@@ -22,30 +22,67 @@ RECORDS = "b"
 class BatchFailed(Exception):
     """Raised by a batch handler when some of its records failed and the rest succeeded.
 
-    ``failed`` maps the offset of each failed record (or the :class:`~bridge.Record` itself) to
-    its error: an exception or a message. Records not named succeeded. dramatiq's retry policy
-    applies to the failed records only: a retry carries just them, and after the final attempt
-    each goes to the dead-letter topic with its own error. Naming a record that is not in the
-    batch raises ``ValueError`` in the worker (the whole batch then counts as failed).
+    ``failed`` maps each failed :class:`~bridge.Record` (or its offset) to its error: an exception
+    or a message. Records not named succeeded. dramatiq's retry policy applies to the failed
+    records only: a retry carries just them, and after the final attempt each goes to the
+    dead-letter topic with its own error. In a batch of several partitions (``batch_by="topic"``)
+    an offset that two of its partitions share names neither: name the record. Naming a record
+    that is not in the batch raises ``ValueError`` in the worker (the whole batch then counts as
+    failed).
     """
 
     def __init__(self, failed: Mapping[Any, BaseException | str]) -> None:
-        offsets: dict[int, BaseException | str] = {}
+        #: (partition, or None when only the offset was given; offset; error)
+        self._named: list[tuple[int | None, int, BaseException | str]] = []
         for record, error in failed.items():
             offset = getattr(record, "offset", record)
             if not isinstance(offset, int) or isinstance(offset, bool):
                 raise TypeError(f"BatchFailed: {record!r} is neither a Record nor an offset")
-            offsets[offset] = error
-        if not offsets:
+            partition = getattr(record, "partition", None)
+            self._named.append((partition if isinstance(partition, int) else None, offset, error))
+        if not self._named:
             raise ValueError("BatchFailed names no failed record; return normally when all succeeded")
-        self.failed = offsets
-        named = ", ".join(str(o) for o in sorted(offsets)[:10])
+        #: offset -> error of each record named.
+        self.failed: dict[int, BaseException | str] = {offset: error for _, offset, error in self._named}
+        offsets = sorted(self.failed)
+        named = ", ".join(str(o) for o in offsets[:10])
         more = f" and {len(offsets) - 10} more" if len(offsets) > 10 else ""
-        super().__init__(f"{len(offsets)} record(s) of the batch failed: offsets {named}{more}")
+        super().__init__(f"{len(self._named)} record(s) of the batch failed: offsets {named}{more}")
+
+    def resolve(self, records: Sequence[Any]) -> dict[tuple[int, int], BaseException | str]:
+        """The records named, as (partition, offset), among the batch's ``records``.
+
+        Raises:
+          ValueError: a named record is not in the batch, or an offset names records of two
+            partitions.
+        """
+        by_offset: dict[int, list[int]] = {}
+        for record in records:
+            by_offset.setdefault(record.offset, []).append(record.partition)
+        found: dict[tuple[int, int], BaseException | str] = {}
+        unknown: list[str] = []
+        for partition, offset, error in self._named:
+            partitions = by_offset.get(offset, [])
+            if partition is not None:
+                partitions = [p for p in partitions if p == partition]
+            if not partitions:
+                unknown.append(str(offset) if partition is None else f"{partition}@{offset}")
+            elif len(partitions) > 1:
+                raise ValueError(f"BatchFailed names offset {offset}, which partitions {sorted(partitions)} share; "
+                                 "name the Record instead")
+            else:
+                found[(partitions[0], offset)] = error
+        if unknown:
+            raise ValueError(f"BatchFailed names offsets {sorted(unknown)[:10]} that are not in the batch")
+        return found
 
     def detail(self, offset: int) -> dict[str, str]:
         """The error of the record at ``offset``, as the ledger stores it."""
-        error = self.failed[offset]
+        return self.describe(self.failed[offset])
+
+    @staticmethod
+    def describe(error: BaseException | str) -> dict[str, str]:
+        """A record's error as the ledger stores it."""
         if isinstance(error, BaseException):
             return {"type": type(error).__name__, "message": str(error)[:2000]}
         return {"type": "BatchFailed", "message": str(error)[:2000]}

@@ -9,21 +9,23 @@ state; in ``none`` order batches of a partition run side by side, up to its wind
 individual entries, so done facts, dead letters and the commit work per record; a batch is the
 run of entries that share a ``lead`` (the batch's first offset, under which its copies are
 registered in the ledger).
+
+With ``batch_by="topic"`` each partition still cuts its own batches (its *parts*) under those
+rules, but the size and the timeout count over the topic: :func:`take` joins the parts of the
+topic's partitions into one message once they hold ``batch_size`` records together, or the
+oldest of them waited ``batch_timeout``. A part is settled in the ledger as one batch of its
+partition, so ordering and the commit stay per partition.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import dramatiq
-
-from . import protocol
-from .batch import batch_envelope
 from .errors import ConfigurationError
 from .partition import _WHOLE_PARTITION, Entry, PartitionState, _settled
-from .protocol import OPTION, Meta
 from .registry import BatchOptions, Handler, Ordering
 from .settings import Settings
 
@@ -72,41 +74,107 @@ class BatchState(PartitionState):
 
     def _waits(self, first: Entry, available: int, now: float) -> bool:
         """A partial batch waits for more records until its oldest one waited the timeout."""
-        return available < self.options.size and not self.flushing and now - first.delivered_at < self.options.timeout
+        return self.waits((available, first.delivered_at), now)
 
-    def _cut(self, source: Any, limit: int) -> list[Entry]:
-        """Take the next batch from the front of ``source`` (a deque of entries): at most ``limit``
-        records, within the size limit. A record too large for any message goes alone (the
-        dispatcher fails it), and stops a batch before it."""
+    def _cut(self, source: deque[Entry], limit: int, used: int = MESSAGE_OVERHEAD) -> tuple[list[Entry], int]:
+        """Take the next batch from the front of ``source``: at most ``limit`` records, within the
+        size limit of a message that holds ``used`` bytes already. A record too large for any
+        message goes alone (the dispatcher fails it), and stops a batch before it. Returns the
+        batch and the bytes the message holds with it."""
         batch: list[Entry] = []
-        size = MESSAGE_OVERHEAD
+        size = used
         while source and len(batch) < limit:
             entry = source[0]
             if entry.done or entry.released:
                 source.popleft()
                 continue
             grown = size + encoded_size(entry.payload)
-            if batch and (entry.size > self.max_bytes or grown > self.max_bytes):
+            if (batch or used > MESSAGE_OVERHEAD) and (entry.size > self.max_bytes or grown > self.max_bytes):
                 break
             batch.append(source.popleft())
             size = grown
             if entry.size > self.max_bytes:
                 break
         for entry in batch:
-            entry.prev, entry.lead = -1, batch[0].offset
+            entry.prev, entry.lead, entry.joint = -1, batch[0].offset, -1
         if batch:
             self._batches[batch[0].offset] = list(batch)
-        return batch
+        return batch, size
+
+    def _mark(self, taken: list[Entry], now: float) -> None:
+        if taken:
+            self.last_dispatched = max(self.last_dispatched, max(e.offset for e in taken))
+        for entry in taken:
+            entry.dispatched = True
+            entry.dispatched_at = entry.checked_at = now
+            entry.attempts += 1
+            self.dispatched_open += 1
+
+    # -- topic batches: parts -----------------------------------------------------------------
+
+    @property
+    def joins(self) -> bool:
+        """``batch_by="topic"``: the parts of this partition join other partitions' in a message."""
+        return self.options.by == "topic"
+
+    def _source(self) -> deque[Entry] | None:
+        """Where the next part comes from; None while the previous part runs (ordered modes)."""
+        if self.ordering == "none":
+            source = self._fifo
+        else:
+            queue = self._queues.get(_WHOLE_PARTITION)
+            if queue is None or queue.running:
+                return None
+            source = queue.entries
+        while source and (source[0].done or source[0].released):
+            source.popleft()
+        return source or None
+
+    def ready_part(self) -> tuple[int, float] | None:
+        """How many records the next part could hold (at most ``batch_size``) and when its first
+        one was delivered; None when there is none to take now."""
+        source = self._source()
+        if source is None:
+            return None
+        return min(len(source), self.options.size), source[0].delivered_at
+
+    def take_part(self, limit: int, used: int, now: float) -> tuple[list[Entry], int]:
+        """Take the next part: at most ``limit`` records, for a message that holds ``used``
+        bytes already. Returns the part (maybe empty) and the bytes the message holds with it."""
+        source = self._source()
+        if source is None:
+            return [], used
+        part, used = self._cut(source, limit, used)
+        if part and self.ordering != "none":
+            queue = self._queues[_WHOLE_PARTITION]
+            queue.running += len(part)
+            queue.last = part[-1].offset
+        self._mark(part, now)
+        return part, used
+
+    def _push_ready(self, entry: Entry) -> None:
+        if not self.joins:  # parts are taken through _source, never from the heap
+            super()._push_ready(entry)
+
+    def has_ready(self) -> bool:
+        return self._source() is not None if self.joins else super().has_ready()
 
     def take_ready(self, limit: int, now: float = 0.0) -> list[Entry]:
         """Take whole batches, up to ``limit`` records; each batch's entries share a ``lead``."""
         taken: list[Entry] = []
         size = self.options.size
+        if self.joins:
+            # On its own (the dispatcher joins parts with :func:`take`): a part is a batch.
+            while len(taken) < limit and (ready := self.ready_part()) is not None:
+                if self.waits(ready, now):
+                    break
+                taken += self.take_part(min(size, limit - len(taken)), MESSAGE_OVERHEAD, now)[0]
+            return taken
         if self.ordering == "none":
             while self._fifo and len(taken) < limit:
                 if self._waits(self._fifo[0], len(self._fifo), now):
                     break
-                taken += self._cut(self._fifo, min(size, limit - len(taken)))
+                taken += self._cut(self._fifo, min(size, limit - len(taken)))[0]
         else:
             held: list[Entry] = []
             while self._ready and len(taken) < limit:
@@ -122,7 +190,7 @@ class BatchState(PartitionState):
                 if self._waits(queue.entries[0], len(queue.entries), now):
                     held.append(queue.entries[0])
                     continue
-                batch = self._cut(queue.entries, min(size, limit - len(taken)))
+                batch = self._cut(queue.entries, min(size, limit - len(taken)))[0]
                 if not batch:
                     continue
                 queue.running += len(batch)
@@ -130,14 +198,13 @@ class BatchState(PartitionState):
                 taken += batch
             for entry in held:
                 self._push_ready(entry)
-        if taken:
-            self.last_dispatched = max(self.last_dispatched, max(e.offset for e in taken))
-        for entry in taken:
-            entry.dispatched = True
-            entry.dispatched_at = entry.checked_at = now
-            entry.attempts += 1
-            self.dispatched_open += 1
+        self._mark(taken, now)
         return taken
+
+    def waits(self, ready: tuple[int, float], now: float) -> bool:
+        """``ready``: records available and when the first of them was delivered."""
+        available, delivered_at = ready
+        return available < self.options.size and not self.flushing and now - delivered_at < self.options.timeout
 
     def held(self) -> int:
         """Records delivered and not dispatched yet (waiting to fill a batch or behind one)."""
@@ -167,7 +234,7 @@ class BatchState(PartitionState):
         if head.lead in self._batches:
             del self._batches[head.lead]
         for entry in left:
-            entry.lead = head.offset
+            entry.lead, entry.joint = head.offset, -1  # goes alone, as a batch of its partition
         if left:
             self._batches[head.offset] = list(left)
         return left
@@ -178,6 +245,7 @@ class BatchState(PartitionState):
 
     def undispatch(self, entry: Entry) -> None:
         self._batches.pop(entry.lead, None)
+        entry.joint = -1
         super().undispatch(entry)
 
     def restart(self, epoch: int) -> int:
@@ -208,56 +276,6 @@ def holding(owned: Owned) -> bool:
     an operator paused dispatches nothing)."""
     state = owned.state
     return isinstance(state, BatchState) and state.flushing and state.held() > 0 and not owned.held
-
-
-# -- messages ---------------------------------------------------------------------------------
-
-
-def batch_message(
-    group: str, owned: Owned, entries: Sequence[Entry], attempt: int
-) -> dramatiq.Message[Any]:
-    """The dramatiq message of one copy of a batch."""
-    meta = Meta(
-        group=group,
-        topic=owned.topic,
-        partition=owned.partition,
-        offset=entries[0].offset,
-        epoch=owned.state.epoch,
-        attempt=attempt,
-        version=protocol.BATCH_VERSION,
-        batch=tuple(e.offset for e in entries),
-    )
-    return dramatiq.Message(
-        queue_name=owned.lane,
-        actor_name=owned.handler.actor.actor_name,
-        args=(batch_envelope([e.payload for e in entries]),),
-        kwargs={},
-        options={OPTION: meta.to_option()},
-    )
-
-
-def runs(sends: Sequence[tuple[Owned, Entry, int]]) -> Iterator[tuple[int, int]]:
-    """(start, end) of each message among ``sends``: a record alone, or a run of one batch."""
-    start = 0
-    while start < len(sends):
-        owned, entry, _ = sends[start]
-        end = start + 1
-        if entry.lead >= 0 and owned.handler.batch is not None:
-            while end < len(sends) and sends[end][0] is owned and sends[end][1].lead == entry.lead:
-                end += 1
-        yield start, end
-        start = end
-
-
-def chunks(sends: Sequence[tuple[Owned, Entry, int]], size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of chunks of about ``size`` sends that never cut a batch in two."""
-    start = end = 0
-    for _, end in runs(sends):
-        if end - start >= size:
-            yield start, end
-            start = end
-    if start < end:
-        yield start, end
 
 
 def check_batch_handlers(settings: Settings, handlers: Mapping[str, Handler]) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import dramatiq
 
 from . import protocol
-from .batching import BatchState, batch_message, chunks, runs
+from .batch_messages import batch_message, chunks, runs, take
+from .batching import BatchState
 from .completions import Completions
 from .deadletter import DeadLetterRouter
 from .enqueue import enqueue_many
@@ -79,13 +80,7 @@ class Dispatcher:
         batch: list[Send] = []
         refused: list[tuple[Owned, Entry, dict[str, Any]]] = []
         taken_all: list[tuple[Owned, Entry]] = []
-        for owned in only if only is not None else self._partitions:
-            if room <= 0:
-                break
-            if not owned.active or not owned.state.has_ready():
-                continue
-            taken = owned.state.take_ready(room, now)
-            room -= len(taken)
+        for owned, taken in take(only if only is not None else self._partitions, room, now):
             for entry in taken:
                 taken_all.append((owned, entry))
                 if entry.size > limit:
@@ -242,7 +237,7 @@ class Dispatcher:
         owned, entry, attempt = sends[0]
         if owned.handler.batch is None:
             return self.message(owned, entry, attempt)
-        return batch_message(self._settings.group_id, owned, [e for _, e, _ in sends], attempt)
+        return batch_message(self._settings.group_id, sends)
 
     def _count(self, batch: list[Send]) -> None:
         for owned, _, _ in batch:

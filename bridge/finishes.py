@@ -83,12 +83,13 @@ class Announcements:
                             channel = channel.decode()
                         with self._lock:
                             self._announced.add(channel)
-            except redis.RedisError as e:
+            except Exception as e:  # any failure: read every partition meanwhile, retry later
                 with self._lock:
                     self._listening = False
                 if time.monotonic() - began > 10 * backoff:
                     backoff = 0.1
-                logger.debug("listening for finished records failed, reading every partition meanwhile: %s", e)
+                log = logger.debug if isinstance(e, redis.RedisError) else logger.warning
+                log("listening for finished records failed, reading every partition meanwhile: %r", e)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

@@ -93,8 +93,11 @@ def kafka_handler(
         records in one call (see :class:`bridge.BatchFailed` for partial failure).
       batch_timeout: seconds the oldest record of a partial batch waits for more before the
         batch is sent anyway (default 1.0; batch handlers only).
-      batch_by: ``"partition"`` (default: a contiguous run of one partition's records) or
-        ``"key"`` (one key's records of one partition; needs ``ordering="key"``).
+      batch_by: ``"partition"`` (default: a contiguous run of one partition's records),
+        ``"key"`` (one key's records of one partition; needs ``ordering="key"``) or ``"topic"``
+        (contiguous runs of several partitions of one topic in one call, for many low-volume
+        partitions; each partition's records stay in offset order, and in ``partition`` and
+        ``key`` order a partition's next run starts after its previous one finished).
       max_redispatches: how many times a record is run again after the worker running it died
         (killed, crashed, cut off from Redis: no sign of life) before it is given up as a final
         failure with reason ``stuck``, so that a record that crashes its workers cannot hold its

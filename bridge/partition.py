@@ -48,6 +48,9 @@ class Entry:
     prev: int = -1
     #: Batch handlers: the first offset of the batch it was dispatched in; -1 for none.
     lead: int = -1
+    #: Batch handlers with ``batch_by="topic"``: the message its batch shares with other
+    #: partitions' batches (an id of this process); -1 for none.
+    joint: int = -1
     #: When it was delivered (loop clock): a partial batch waits for more until its timeout.
     delivered_at: float = 0.0
 

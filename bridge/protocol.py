@@ -25,8 +25,13 @@ VERSION = 2
 #: instead of running a batch as one record.
 BATCH_VERSION = 3
 
+#: Version of batch messages that hold several partitions' records (the ``ps`` field, from
+#: ``batch_by="topic"``): a worker that predates them refuses them instead of settling only the
+#: first partition's records.
+TOPIC_BATCH_VERSION = 4
+
 #: Versions a worker of this code can run.
-KNOWN_VERSIONS = frozenset({1, 2, 3})
+KNOWN_VERSIONS = frozenset({1, 2, 3, 4})
 
 
 class ProtocolError(ValueError):
@@ -53,13 +58,30 @@ class Reason(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Part:
+    """One partition's records in a batch message: its epoch, the copy's attempt number and the
+    offsets, in order. The part's copy is registered in the ledger under its first offset."""
+
+    partition: int
+    epoch: int
+    attempt: int
+    batch: tuple[int, ...]
+
+    @property
+    def offset(self) -> int:
+        return self.batch[0]
+
+
+@dataclass(frozen=True, slots=True)
 class Meta:
     """A bridge message's coordinates.
 
     ``attempt`` numbers the bridge's copies of one record (a re-dispatch is a new attempt);
     ``prev`` is the record of the same partition (key) that must reach a final state first, -1
     for none; ``token`` is set on a record whose start another worker already recorded on its
-    behalf, so that its own start check recognises that registration as its own.
+    behalf, so that its own start check recognises that registration as its own. A batch message
+    lists its offsets in ``batch``; one of several partitions lists every partition's in ``parts``
+    (the first part is also ``partition``, ``offset``, ``epoch``, ``attempt`` and ``batch``).
     """
 
     group: str
@@ -72,10 +94,15 @@ class Meta:
     token: str | None = None
     version: int = VERSION
     batch: tuple[int, ...] = ()
+    parts: tuple[Part, ...] = ()
 
     @property
     def where(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def all_parts(self) -> tuple[Part, ...]:
+        """The partitions of a batch message: ``parts``, or the one partition of ``batch``."""
+        return self.parts or (Part(self.partition, self.epoch, self.attempt, self.batch),)
 
     def to_option(self) -> dict[str, Any]:
         raw: dict[str, Any] = {
@@ -94,6 +121,8 @@ class Meta:
             raw["s"] = self.token
         if self.batch:
             raw["b"] = list(self.batch)
+        if self.parts:
+            raw["ps"] = [[p.partition, p.epoch, p.attempt, list(p.batch)] for p in self.parts]
         return raw
 
     @classmethod
@@ -114,6 +143,11 @@ class Meta:
         if not isinstance(batch, list | tuple):
             raise ProtocolError(f"malformed {OPTION} option {dict(raw)!r}: b is not a list")
         try:
+            parts = tuple(
+                Part(int(p), int(e), int(a), tuple(int(o) for o in offsets)) for p, e, a, offsets in raw.get("ps") or ()
+            )
+            if any(not part.batch for part in parts):
+                raise ValueError("a part lists no offset")
             return cls(
                 group=str(raw["g"]),
                 topic=str(raw["t"]),
@@ -126,6 +160,7 @@ class Meta:
                 token=token if isinstance(token, str) else None,
                 version=version,
                 batch=tuple(int(o) for o in batch),
+                parts=parts,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"malformed {OPTION} option {dict(raw)!r}: {e}") from None

@@ -25,6 +25,8 @@ class Record:
     ``key`` and ``value`` are decoded with the handler's codecs (raw ``bytes`` by default).
     ``headers`` keeps every header in order, duplicates and binary values included.
     ``timestamp`` is milliseconds since the epoch, or ``None`` when the record has none.
+    Hashable by its coordinates (topic, partition, offset), even when its decoded key or value is
+    a ``dict`` or ``list``: a batch handler names failed records in a dict (:class:`~bridge.BatchFailed`).
     """
 
     topic: str
@@ -34,6 +36,10 @@ class Record:
     value: Any
     headers: Headers = ()
     timestamp: int | None = None
+
+    def __hash__(self) -> int:
+        # Equal records have equal coordinates, so this agrees with the generated __eq__.
+        return hash((self.topic, self.partition, self.offset))
 
     def header(self, name: str) -> bytes | None:
         """The last value of header ``name``, or ``None``."""

@@ -19,7 +19,7 @@ from .codecs import CodecName
 Ordering = Literal["partition", "key", "none"]
 MessageFormat = Literal["record", "value"]
 OffsetReset = Literal["earliest", "latest"]
-BatchBy = Literal["partition", "key"]
+BatchBy = Literal["partition", "key", "topic"]
 Hook = Callable[[str, int, str], None]
 
 #: Default dead-letter topic of topic ``t``: ``t.dlq``.
@@ -34,7 +34,8 @@ class BatchOptions:
 
     ``size``: most records in one call; ``timeout``: seconds the oldest record of a partial batch
     waits for more before the batch is sent anyway; ``by``: ``"partition"`` (a contiguous run of
-    one partition's records) or ``"key"`` (one key's records of one partition).
+    one partition's records), ``"key"`` (one key's records of one partition) or ``"topic"`` (a
+    contiguous run of each of several partitions of one topic).
     """
 
     size: int

@@ -144,11 +144,13 @@ class Ledger:
                 )
         return verdicts
 
-    def finish_batch(self, keys: PartitionKeys, end: BatchEnd, worker: str) -> int:
-        """Settle one try of a batch in one call; returns how many offsets reached a final state."""
+    def finish_batch(self, ends: Sequence[tuple[PartitionKeys, BatchEnd]], worker: str) -> list[int]:
+        """Settle one try of a batch, one script call per partition (each part settles at once), all
+        in one round trip; returns how many offsets of each part reached a final state."""
         try:
-            return int(self._run("batch", keys, batch_args(keys, end, worker)))
+            return [int(n) for n in self._batch([("batch", k, batch_args(k, end, worker)) for k, end in ends])]
         except redis.RedisError as e:
+            keys, end = ends[0]
             raise failure(f"ledger end of the batch at {keys.topic}[{keys.partition}]@{end.copy.offset}", e) from e
 
     def beat(self, beats: Mapping[PartitionKeys, Beats]) -> None:

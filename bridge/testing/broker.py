@@ -22,11 +22,12 @@ import dramatiq.broker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Middleware
 
+from ..batch import RECORDS
 from ..codecs import DecodeError
 from ..protocol import OPTION
-from ..record import is_envelope, open_envelope, raw_parts
+from ..record import Record, is_envelope, open_envelope, raw_parts
 from ..registry import Handler, Registry
-from ..worker import LedgerMiddleware, install
+from ..worker import LedgerMiddleware, batches, install
 from .results import History, Outcome, Run
 
 logger = logging.getLogger("bridge.testing")
@@ -62,6 +63,17 @@ class KitBroker(StubBroker):
         return all(queue.unfinished_tasks == 0 for queue in list(self.queues.values()))
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A batch handler's call going on in this thread."""
+
+    records: tuple[Record, ...]
+    raw_keys: list[bytes | None]
+    attempt: int
+    started: float
+    running: batches.Running
+
+
 class Observer(Middleware):
     """Records every run of a handler. Placed right after the ledger middleware: its
     ``before_process_message`` sees only records the ledger let start, and its
@@ -79,6 +91,9 @@ class Observer(Middleware):
         handler = self._handlers.for_actor(message.actor_name)
         if handler is None or OPTION not in message.options or not is_envelope(message.args, message.kwargs):
             return
+        if handler.batch is not None:
+            self._begin_batch(message)
+            return
         env = message.args[0]
         try:
             record = open_envelope(env, handler.key_codec, handler.value_codec, self._depth)
@@ -87,6 +102,18 @@ class Observer(Middleware):
         attempt = int(message.options.get("retries", 0) or 0) + 1
         started = self._history.started(f"{record.topic}[{record.partition}]@{record.offset}")
         self._local.run = (record, raw_parts(env)[0], attempt, started)
+
+    def _begin_batch(self, message: Any) -> None:
+        """A batch the ledger middleware let start: the records that reach the actor."""
+        running = batches.current()
+        if running is None or running.message_id != message.message_id:
+            return
+        raw = {(int(e["p"]), int(e["o"])): raw_parts(e)[0] for e in message.args[0][RECORDS]}
+        records = tuple(running.records)
+        attempt = int(message.options.get("retries", 0) or 0) + 1
+        started = self._history.started(f"{records[0].topic}[{records[0].partition}]@{records[0].offset}")
+        self._local.run = _Call(records, [raw.get((r.partition, r.offset)) for r in records], attempt, started,
+                                running)
 
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -98,22 +125,40 @@ class Observer(Middleware):
             if exception is not None and message.failed:
                 self._history.failed(message.actor_name, exception)
             return
+        if isinstance(begun, _Call):
+            self._end_batch(message, begun, exception, asked, finished)
+            return
         record, raw_key, attempt, started = begun
-        outcome: Outcome
-        backoff: int | None = None
-        if exception is None:
-            outcome = "done"
-        elif message.failed:
-            outcome = "failed"
-        else:
-            outcome, backoff = "retried", asked
+        outcome, backoff = _outcome(message, exception, asked)
         self._history.add(Run(record, message.actor_name, attempt, outcome, exception, backoff, started, finished,
                               raw_key))
+
+    def _end_batch(self, message: Any, call: _Call, exception: BaseException | None, asked: int | None,
+                   finished: float) -> None:
+        running = call.running
+        # BatchFailed fails only the records it names, each with its own error.
+        named = running.named if exception is not None and exception is running.partial else None
+        for record, raw_key in zip(call.records, call.raw_keys, strict=True):
+            error = exception
+            if named is not None:
+                own = named.get((record.partition, record.offset))
+                error = None if own is None else own if isinstance(own, BaseException) else exception
+            outcome, backoff = _outcome(message, error, asked)
+            self._history.add(Run(record, message.actor_name, call.attempt, outcome, error, backoff, call.started,
+                                  finished, raw_key, call.records))
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if getattr(self._local, "run", None) is not None:
             self._local.run = None
             self._history.stopped()
+
+
+def _outcome(message: Any, error: BaseException | None, asked: int | None) -> tuple[Outcome, int | None]:
+    if error is None:
+        return "done", None
+    if message.failed:
+        return "failed", None
+    return "retried", asked
 
 
 @dataclass

@@ -298,6 +298,15 @@ class KafkaTestKit:
         """The records whose run returned, in the order they started."""
         return [r.record for r in self.ran(topic, partition=partition, key=key) if r.outcome == "done"]
 
+    def batches(self, topic: str | None = None, *, partition: int | None = None) -> list[tuple[Record, ...]]:
+        """The records of each call of a batch handler (a retry is a call of its own), in the order
+        the calls started; optionally the calls with records of one topic or partition."""
+        calls: dict[int, tuple[Record, ...]] = {}
+        for run in self.ran(topic, partition=partition):
+            if run.batch:
+                calls.setdefault(id(run.batch), run.batch)
+        return list(calls.values())
+
     def dead_letters(self, topic: str | None = None) -> list[DeadLetter]:
         """Dead letters written, in order; optionally of records of ``topic`` (the original topic)."""
         letters = [DeadLetter.of(p) for producer in self._producers for p in producer.produced]

@@ -1,7 +1,8 @@
 """What the testing kit observed: the runs of the handlers, the dead letters, one ``run()``'s result.
 
-A :class:`Run` is one call of a handler's actor for one record, as the worker saw it: the
-:class:`~bridge.Record` it got, which attempt, how it ended. :class:`History` collects them from
+A :class:`Run` is one call of a handler's actor for one record (for a batch handler: one record
+of a call), as the worker saw it: the :class:`~bridge.Record` it got, which attempt, how it
+ended. :class:`History` collects them from
 dramatiq's worker threads.
 """
 
@@ -32,7 +33,10 @@ class Run:
     ``retried`` (it raised and dramatiq retries it) or ``failed`` (it raised and dramatiq gave up:
     the record goes to the dead-letter topic). ``backoff_ms`` is the delay dramatiq chose before
     the next attempt, which the kit shortens (see ``max_delay_ms``). ``started`` and ``finished``
-    are ``time.monotonic()`` readings.
+    are ``time.monotonic()`` readings. For a batch handler each record of a call has its run, and
+    ``batch`` holds every record of that call (empty for other handlers): the runs of one call
+    share it, their times and their attempt; with :class:`~bridge.BatchFailed` only the records
+    it named fail or are retried, each with its own error.
     """
 
     record: Record
@@ -44,6 +48,7 @@ class Run:
     started: float
     finished: float
     raw_key: bytes | None
+    batch: tuple[Record, ...] = ()
 
     @property
     def topic(self) -> str:

@@ -6,13 +6,18 @@ script call (:meth:`Ledger.finish_batch`): done, failed for good (dead-lettered 
 while dramatiq retries, alive under the first offset of the retry. A retry after
 :class:`~bridge.BatchFailed` carries only the failed records: the actor's wrapper narrows the
 message before dramatiq's ``Retries`` re-enqueues it.
+
+A message of several partitions (``batch_by="topic"``) holds one part per partition. Each part is
+started, registered and settled as the batch of its partition (all parts in one round trip each
+way); a part the ledger does not let start here (done, fenced, running elsewhere) is left out of
+the call, and the message is narrowed to the parts that ran.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,16 +28,28 @@ from ..codecs import DecodeError
 from ..keys import PartitionKeys
 from ..ledger import BatchEnd, Ledger, LedgerError, Try
 from ..logs import coordinates
-from ..protocol import OPTION, Meta, ProtocolError, meta_of
+from ..protocol import OPTION, Meta, Part, ProtocolError, meta_of
 from ..record import Record, open_envelope
 from ..registry import Handler
 from .handoff import retries_of
-from .identity import new_token, worker_id
+from .identity import new_token, process_id, worker_id
 from .signs import Signs
 
 logger = logging.getLogger("bridge.worker")
 
 _local = threading.local()
+
+#: A record of a batch: (partition, offset).
+Rid = tuple[int, int]
+
+
+@dataclass(slots=True)
+class Share:
+    """One partition's part of the batch this thread runs: its keys and its registered copy."""
+
+    keys: PartitionKeys
+    part: Part
+    copy: Try
 
 
 @dataclass(slots=True)
@@ -41,18 +58,22 @@ class Running:
 
     message_id: str
     meta: Meta
-    keys: PartitionKeys
-    copy: Try
+    shares: list[Share]
     records: list[Record]
-    #: Records that never reach the actor: offset -> failure detail.
-    undecodable: dict[int, dict[str, Any]] = field(default_factory=dict)
-    #: What the actor raised to report partial failure (checked against the batch).
+    #: Records that never reach the actor: (partition, offset) -> failure detail.
+    undecodable: dict[Rid, dict[str, Any]] = field(default_factory=dict)
+    #: What the actor raised to report partial failure, and the records it names.
     partial: BatchFailed | None = None
+    named: dict[Rid, BaseException | str] = field(default_factory=dict)
     message: Any = None
 
     @property
-    def offsets(self) -> list[int]:
-        return [r.offset for r in self.records]
+    def ids(self) -> list[Rid]:
+        return [(r.partition, r.offset) for r in self.records]
+
+    @property
+    def span(self) -> str:
+        return ", ".join(f"{self.meta.topic}[{s.part.partition}]@{s.part.offset}" for s in self.shares)
 
 
 def current() -> Running | None:
@@ -63,14 +84,19 @@ def _detail(error: dict[str, str], message: Any) -> dict[str, Any]:
     return {"error": error, "attempts": int(message.options.get("retries", 0)) or 1, "actor": message.actor_name}
 
 
-def narrow(message: Any, offsets: list[int]) -> None:
-    """Keep only the records at ``offsets`` in ``message`` (in place, so that a retry dramatiq
-    enqueues from it carries just them)."""
-    keep = set(offsets)
+def narrow(message: Any, keep: Iterable[Rid]) -> None:
+    """Keep only the records ``keep`` in ``message`` (in place, so that a retry dramatiq enqueues
+    from it carries just them, and only the parts that hold some)."""
+    kept = set(keep)
     env = message.args[0]
-    env[RECORDS] = [e for e in env[RECORDS] if int(e["o"]) in keep]
+    env[RECORDS] = [e for e in env[RECORDS] if (int(e["p"]), int(e["o"])) in kept]
     raw = message.options[OPTION]
-    raw["b"] = [o for o in raw["b"] if o in keep]
+    if raw.get("ps"):
+        parts = [[p, e, a, [o for o in offsets if (p, o) in kept]] for p, e, a, offsets in raw["ps"]]
+        raw["ps"] = parts = [part for part in parts if part[3]]
+        raw["p"], raw["e"], raw["a"], raw["b"] = parts[0]
+    else:
+        raw["b"] = [o for o in raw["b"] if (int(raw["p"]), o) in kept]
     raw["o"] = raw["b"][0]
     raw.pop("s", None)  # a retry registers itself anew
 
@@ -85,14 +111,12 @@ def run(env: dict[str, Any], handler: Handler, fn: Callable[[list[Record]], Any]
     try:
         return fn(list(running.records))
     except BatchFailed as e:
-        unknown = sorted(set(e.failed) - set(running.offsets))
-        if unknown:
-            raise ValueError(
-                f"BatchFailed names offsets {unknown[:10]} that are not in the batch of "
-                f"{running.meta.topic}[{running.meta.partition}] ({running.offsets[0]}..{running.offsets[-1]})"
-            ) from e
+        try:
+            running.named = e.resolve(running.records)
+        except ValueError as problem:
+            raise ValueError(f"{problem} (the batch {running.span})") from e
         running.partial = e
-        narrow(running.message, sorted(e.failed))
+        narrow(running.message, running.named)
         raise
 
 
@@ -100,11 +124,22 @@ class Batches:
     """The batch side of the ledger middleware. Thread-safe (state is per thread)."""
 
     def __init__(self, ledger: Callable[[], Ledger], start: Callable[[PartitionKeys, Try, str], tuple[str, int]],
-                 signs: Signs, failed: Callable[[str], None]) -> None:
+                 signs: Signs, failed: Callable[[str], None], live: Callable[[], float]) -> None:
         self._ledger = ledger
         self._start = start
         self._signs = signs
         self._failed = failed
+        self._live = live
+
+    def _start_all(self, starts: Sequence[tuple[PartitionKeys, Try]]) -> list[tuple[str, int]]:
+        """Start verdicts of every part: one part through the worker's batched starts, several in
+        one round trip of their own."""
+        if len(starts) == 1:
+            keys, copy = starts[0]
+            return [self._start(keys, copy, worker_id())]
+        verdicts = self._ledger().start_and_finish_many(
+            {keys: [(copy, worker_id())] for keys, copy in starts}, {}, process_id(), self._live())
+        return [verdicts[keys][0] for keys, _ in starts]
 
     def admit(self, message: Any, meta: Meta, handler: Handler | None, max_json_depth: int,
               skip: Callable[[Any, str], SkipMessage]) -> None:
@@ -115,33 +150,49 @@ class Batches:
           LedgerError: the ledger did not answer.
         """
         _local.running = None
-        keys = PartitionKeys(meta.group, meta.topic, meta.partition)
         retries = retries_of(message)
         token = meta.token or new_token()
-        verdict, known = self._start(keys, Try(meta.offset, meta.epoch, meta.attempt, retries, token), worker_id())
-        if verdict != "run":
-            # A copy that runs elsewhere and dies is dispatched again by the bridge.
-            logger.info("not running the batch %s (%d records): %s (epoch %d, attempt %d)", meta.where,
-                        len(meta.batch), verdict, meta.epoch, meta.attempt, extra=_extra(meta))
-            raise skip(message, verdict)
+        parts = meta.all_parts()
+        starts = [(PartitionKeys(meta.group, meta.topic, p.partition),
+                   Try(p.offset, p.epoch, p.attempt, retries, token)) for p in parts]
+        verdicts = self._start_all(starts)
+        shares, known = [], 0
+        for part, (keys, _), (verdict, found) in zip(parts, starts, verdicts, strict=True):
+            if verdict == "run":
+                shares.append((keys, part))
+                known = max(known, found)
+            else:
+                # A copy that runs elsewhere and dies is dispatched again by the bridge.
+                logger.info("not running the batch %s[%d]@%d (%d records): %s (epoch %d, attempt %d)", meta.topic,
+                            part.partition, part.offset, len(part.batch), verdict, part.epoch, part.attempt,
+                            extra=coordinates(meta.topic, part.partition, part.offset))
+        if not shares:
+            raise skip(message, str(verdicts[0][0]))
         if known > retries:
             message.options["retries"] = retries = known
-        copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
-        self._signs.running((keys, meta.offset), token, (meta.epoch, meta.attempt, retries, token, worker_id()))
-        running = Running(message.message_id, meta, keys, copy, [], message=message)
+        running = Running(message.message_id, meta, [
+            Share(keys, part, Try(part.offset, part.epoch, part.attempt, retries, token)) for keys, part in shares
+        ], [], message=message)
+        for share in running.shares:
+            self._signs.running((share.keys, share.part.offset), token,
+                                (share.part.epoch, share.part.attempt, retries, token, worker_id()))
+        ran = {part.partition for _, part in shares}
         for env in message.args[0][RECORDS]:
+            rid = (int(env["p"]), int(env["o"]))
+            if rid[0] not in ran:
+                continue
             try:
                 if handler is None:
                     raise DecodeError(f"no handler for actor {message.actor_name!r} in this worker")
                 running.records.append(open_envelope(env, handler.key_codec, handler.value_codec, max_json_depth))
             except DecodeError as e:
-                logger.error("undecodable record %s[%s]@%s in a batch: %s", meta.topic, meta.partition, env.get("o"),
-                             e, extra=coordinates(meta.topic, meta.partition, int(env["o"])))
-                running.undecodable[int(env["o"])] = _detail({"type": "DecodeError", "message": str(e)}, message)
-        if running.undecodable and running.records:
-            narrow(message, running.offsets)
+                logger.error("undecodable record %s[%s]@%s in a batch: %s", meta.topic, rid[0], rid[1], e,
+                             extra=coordinates(meta.topic, rid[0], rid[1]))
+                running.undecodable[rid] = _detail({"type": "DecodeError", "message": str(e)}, message)
+        if running.records and (running.undecodable or len(shares) < len(parts)):
+            narrow(message, running.ids)
         if not running.records:
-            self._write(running, BatchEnd(copy, (), running.undecodable))
+            self._write(running, (), {})
             raise skip(message, "no decodable record in the batch")
         _local.running = running
 
@@ -151,28 +202,27 @@ class Batches:
         if running is None or running.message_id != message.message_id:
             return False
         _local.running = None
-        failed = dict(running.undecodable)
-        offsets = running.offsets
-        retry_at = -1
+        ids = running.ids
+        failed: dict[Rid, dict[str, Any]] = {}
+        retried: set[Rid] = set()
         if exception is None:
-            done = offsets
+            done = set(ids)
         elif running.partial is not None and exception is running.partial:
-            named = running.partial.failed
-            done = [o for o in offsets if o not in named]
+            named = running.named
+            done = {i for i in ids if i not in named}
             if message.failed:
-                failed.update({o: _detail(running.partial.detail(o), message) for o in named})
+                failed = {i: _detail(BatchFailed.describe(named[i]), message) for i in named}
             else:
-                retry_at = min(named)
+                retried = set(named)
         else:
-            done = []
+            done = set()
             if message.failed:
                 error = {"type": type(exception).__name__, "message": str(exception)[:2000]}
-                failed.update({o: _detail(error, message) for o in offsets})
+                failed = {i: _detail(error, message) for i in ids}
             else:
-                retry_at = offsets[0]
+                retried = set(ids)
         # Retries has counted this try already: a retry registers the next try's count.
-        copy = replace(running.copy, retries=retries_of(message))
-        self._write(running, BatchEnd(copy, done, failed, retry_at, delay_ms if retry_at >= 0 else 0))
+        self._write(running, done, failed, retried, retries=retries_of(message), delay_ms=delay_ms)
         return True
 
     def settle_unstarted(self, message: Any, exception: BaseException | None) -> bool:
@@ -185,33 +235,46 @@ class Batches:
             return False
         if meta is None or not meta.batch:
             return False
-        keys = PartitionKeys(meta.group, meta.topic, meta.partition)
         running = current()
         if running is not None and running.message_id == message.message_id:
-            _local.running = None
-            copy = running.copy  # skipped after its start here: its registration goes too
+            _local.running = None  # skipped after its start here: its registrations go too
+            ids = running.ids
         else:
-            copy = Try(meta.offset, meta.epoch, meta.attempt, retries_of(message), "")
+            retries = retries_of(message)
+            running = Running(message.message_id, meta, [
+                Share(PartitionKeys(meta.group, meta.topic, p.partition), p,
+                      Try(p.offset, p.epoch, p.attempt, retries, "")) for p in meta.all_parts()
+            ], [])
+            ids = [(s.part.partition, o) for s in running.shares for o in s.part.batch]
         if message.failed:
             error = message.options.get("kdb_error") or (
                 {"type": type(exception).__name__, "message": str(exception)[:2000]} if exception is not None
                 else {"type": "Failed", "message": "message failed in the task broker"})
-            end = BatchEnd(copy, (), {o: _detail(error, message) for o in meta.batch})
+            self._write(running, (), {i: _detail(error, message) for i in ids})
         else:
-            end = BatchEnd(copy, meta.batch)
-        self._write(Running(message.message_id, meta, keys, copy, []), end)
+            self._write(running, ids, {})
         return True
 
-    def _write(self, running: Running, end: BatchEnd) -> None:
-        meta = running.meta
-        self._signs.finished((running.keys, meta.offset), running.copy.token)
+    def _write(self, running: Running, done: Iterable[Rid], failed: Mapping[Rid, dict[str, Any]],
+               retried: Iterable[Rid] = (), *, retries: int | None = None, delay_ms: int = 0) -> None:
+        """One end per part, all in one round trip: its done, failed (the undecodable too) and
+        retried records; ``retries``: the count the retry registers under."""
+        failed = {**running.undecodable, **failed}
+        done, retried = list(done), list(retried)
+        ends = []
+        for share in running.shares:
+            p = share.part.partition
+            copy = share.copy if retries is None else replace(share.copy, retries=retries)
+            again = [o for q, o in retried if q == p]
+            ends.append((share.keys, BatchEnd(
+                copy, sorted(o for q, o in done if q == p), {o: d for (q, o), d in failed.items() if q == p},
+                min(again) if again else -1, delay_ms if again else 0,
+            )))
+            self._signs.finished((share.keys, share.part.offset), share.copy.token)
         try:
-            self._ledger().finish_batch(running.keys, end, worker_id())
+            self._ledger().finish_batch(ends, worker_id())
         except LedgerError as e:
             self._failed("finish")
             logger.error("%s: ledger write of a batch of %d failed, the bridge will dispatch it again: %s",
-                         meta.where, len(meta.batch), e, extra=_extra(meta))
-
-
-def _extra(meta: Meta) -> dict[str, Any]:
-    return coordinates(meta.topic, meta.partition, meta.offset)
+                         running.span, sum(len(s.part.batch) for s in running.shares), e,
+                         extra=coordinates(running.meta.topic, running.meta.partition, running.meta.offset))

@@ -73,7 +73,8 @@ class LedgerMiddleware(Middleware):
         self.signs = Signs()
         self.handoff = Handoff(self.signs)
         self.waker = Waker()
-        self.batches = Batches(lambda: self.ledger, lambda *a: self.batcher.start(*a), self.signs, self._failed)
+        self.batches = Batches(lambda: self.ledger, lambda *a: self.batcher.start(*a), self.signs, self._failed,
+                               lambda: self.live)
         self._refusals = Refusals()
         self.ledger_write_failures = 0
 

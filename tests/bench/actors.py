@@ -10,6 +10,10 @@
                       record; unset (throughput scenarios): no per-record Redis write at all
   KDB_BENCH_EVENTS    Redis list receiving "<partition> <offset> <start ms> <end ms>" per record,
                       written in batches with the tally (the order check of P7); unset: none
+  KDB_BENCH_RPUSH     Redis list the handler appends each record's value to, with one RPUSH per
+                      call (B1); unset: none
+  KDB_BENCH_BATCH_SIZE     makes the handler a batch handler (``batch_size``), B1; unset: per record
+  KDB_BENCH_BATCH_TIMEOUT  its ``batch_timeout`` in seconds (default 1.0)
 
 Completion is counted in memory per worker process (count, first handler start, last handler end)
 and written to the Redis hash ``bench:tally`` by a background thread every 20 ms, so the no-op
@@ -17,7 +21,8 @@ path of the throughput scenarios costs a lock and three assignments instead of a
 The per-record events, when asked for, ride on the same thread.
 
 ``plain_timed(sent_ms, key)`` is the stock baseline of the latency scenarios: it appends
-"<sent ms> <send->handler start ms>" to the Redis list ``key``.
+"<sent ms> <send->handler start ms>" to the Redis list ``key``. ``plain_rpush(value, key)`` is the
+stock baseline of B1: one RPUSH of ``value`` to ``key`` per message.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ ORDERING = os.environ.get("KDB_BENCH_ORDERING", "none")
 SLEEP = float(os.environ.get("KDB_BENCH_SLEEP_MS", "0")) / 1000
 LATENCY = os.environ.get("KDB_BENCH_LATENCY", "")
 EVENTS = os.environ.get("KDB_BENCH_EVENTS", "")
+RPUSH = os.environ.get("KDB_BENCH_RPUSH", "")
+BATCH_SIZE = int(os.environ.get("KDB_BENCH_BATCH_SIZE") or 0)
+BATCH_TIMEOUT = float(os.environ.get("KDB_BENCH_BATCH_TIMEOUT") or 1.0)
 
 _redis = redis.Redis.from_url(URL)
 
@@ -68,9 +76,9 @@ class _Tally:
         self.events: list[str] = []
         self._flusher: threading.Thread | None = None
 
-    def add(self, started: float, ended: float, event: str | None = None) -> None:
+    def add(self, started: float, ended: float, event: str | None = None, count: int = 1) -> None:
         with self._lock:
-            self.count += 1
+            self.count += count
             if not self.first_start or started < self.first_start:
                 self.first_start = started
             self.last_end = max(self.last_end, ended)
@@ -121,7 +129,28 @@ def plain_timed(sent_ms: float, key: str) -> None:
     _tally.add(started, time.time())
 
 
-if TOPIC:
+@dramatiq.actor(queue_name=PLAIN_QUEUE)
+def plain_rpush(value: str, key: str) -> None:
+    """The stock baseline of B1: one record's value, one RPUSH."""
+    started = time.time()
+    _redis.rpush(key, value)
+    _tally.add(started, time.time())
+
+
+if TOPIC and BATCH_SIZE:
+
+    @kafka_handler(TOPIC, ordering=ORDERING, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT)  # type: ignore[arg-type]
+    @dramatiq.actor
+    def bench_batch_handler(records: list[Record]) -> None:
+        """B1's batch mode: one RPUSH of every value of the batch."""
+        started = time.time()
+        if RPUSH:
+            _redis.rpush(RPUSH, *[r.value for r in records])
+        if SLEEP:
+            time.sleep(SLEEP)
+        _tally.add(started, time.time(), count=len(records))
+
+elif TOPIC:
 
     @kafka_handler(TOPIC, ordering=ORDERING)  # type: ignore[arg-type]
     @dramatiq.actor
@@ -129,6 +158,8 @@ if TOPIC:
         started = time.time()
         if LATENCY and record.timestamp is not None:
             _redis.rpush(LATENCY, f"{record.timestamp} {started * 1000 - record.timestamp:.3f}")
+        if RPUSH:
+            _redis.rpush(RPUSH, record.value)
         if SLEEP:
             time.sleep(SLEEP)
         ended = time.time()

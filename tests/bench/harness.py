@@ -212,7 +212,8 @@ _SHOWN = {"rate", "rate_incl_startup", "p50_ms", "p99_ms", "peak_rss_mb", "commi
           "per_partition_rate", "rate_to_last_end", "ledger_bytes_per_in_flight", "ledger_end_bytes",
           "capped_after_s", "cpu_ms_per_record", "max_ms", "workers_cpu_percent", "redis_cpu_percent",
           "bridge_cpu_percent", "redis_commands_per_s", "connection_errors", "consumer_restarts",
-          "bridge_redis_calls_per_s", "catch_up_s", "cpu_ms_per_record_from_first_dispatch"}
+          "bridge_redis_calls_per_s", "catch_up_s", "cpu_ms_per_record_from_first_dispatch",
+          "worker_cpu_ms_per_record"}
 
 
 def exit_code(bridge: BridgeProcess) -> int | None:

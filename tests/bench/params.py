@@ -65,6 +65,13 @@ class Params:
     #: P7: partition mode over many partitions against 6 partitions, same record count.
     p7_partitions: int = 1024
     p7_records: int = 20_000
+    #: B1: a handler doing one RPUSH per call, per record and with batch_size, against stock
+    #: dramatiq sending the same records one message each. A multiple of 6 x the batch size keeps
+    #: every batch full (a partial one waits for b1_batch_timeout_s).
+    b1_records: int = 60_000
+    b1_batch_size: int = 100
+    b1_batch_timeout_s: float = 1.0
+    b1_ordering: str = "none"
 
     @classmethod
     def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
@@ -93,6 +100,7 @@ class Params:
             p2_orderings=("none", "partition"),
             p4_records=5_000,
             p7_records=2_000,
+            b1_records=6_000,
         )
 
     def replace(self, overrides: dict[str, str]) -> Params:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from tests.bench import backlogs, cost, idle, latency, paced
+from tests.bench import backlogs, batches, cost, idle, latency, paced
 from tests.bench.harness import Bench
 from tests.bench.results import Target, bound_row, ratio_row
 
@@ -24,6 +24,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "p3": latency.p3,
     "p4": cost.p4,
     "p7": cost.p7,
+    "b1": batches.b1,
 }
 SCENARIOS = tuple(RUNNERS)
 
@@ -35,6 +36,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "t7": ("t2",),
     "p5": ("t2",),
     "p6": ("t3", "rabbitmq"),
+    "batches": ("b1",),
 }
 
 
@@ -46,7 +48,8 @@ def run(bench: Bench, names: list[str]) -> None:
 
 def targets(bench: Bench) -> list[Target]:
     """Every target row the measurements of this invocation allow."""
-    return [*_t_rows(bench), *_p5_p6(bench), *idle.targets(bench), *latency.targets(bench), *cost.targets(bench)]
+    return [*_t_rows(bench), *_p5_p6(bench), *idle.targets(bench), *latency.targets(bench), *cost.targets(bench),
+            *batches.targets(bench)]
 
 
 def _t_rows(bench: Bench) -> list[Target]:

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from tests.integration.test_bridge import wait_committed_to_end
+from tests.integration.test_replay import replay
 from tests.support.kafka import produce_keyed, read_raw
 from tests.support.pipeline import Pipeline
 from tests.support.waiting import wait_until
@@ -108,6 +109,36 @@ def test_batches_of_a_partition_run_one_after_another_in_order_and_commit_to_the
         assert_one_after_another(calls, f"{t}[{p}]")
 
 
+def test_a_topic_batch_packs_several_low_volume_partitions_into_one_call_and_keeps_order_per_partition(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(6)
+    pipeline = batch_pipeline(pipeline_factory, topic, KDB_TEST_BATCH_SIZE="40", KDB_TEST_BATCH_BY="topic",
+                              KDB_TEST_BATCH_TIMEOUT="0.3", KDB_TEST_SLEEP_MS="30")
+    pipeline.start_workers(processes=2, threads=4)
+    pipeline.start_bridge().wait_log("assigned")
+    # A trickle: a few records per partition at a time, far below a batch each.
+    for _ in range(30):
+        produce_keyed(pipeline.kafka.bootstrap_servers, topic, 18)
+        time.sleep(0.1)
+    ends = wait_committed_to_end(pipeline)
+    assert pipeline.bridges[0].stop() == 0
+    assert pipeline.committed() == ends
+    history = read_history(redis_client)
+    for (t, p), end in ends.items():
+        calls = history.partition(t, p)
+        assert all(c.outcome == "ok" for c in calls)
+        assert [o for c in calls for o in c.offsets] == list(range(end)), f"{t}[{p}]: missing, repeated or reordered"
+        assert_one_after_another(calls, f"{t}[{p}]")
+    by_call: dict[str, set[int]] = {}
+    for call in history.calls:
+        by_call.setdefault(call.token.split("-")[0], set()).add(call.partition)
+    joined = [partitions for partitions in by_call.values() if len(partitions) > 1]
+    assert len(joined) > len(by_call) / 2, f"{len(joined)} of {len(by_call)} calls held several partitions"
+    assert max(len(p) for p in joined) >= 3
+    assert len(by_call) < sum(ends.values()) / 5, f"{len(by_call)} calls for {sum(ends.values())} records"
+
+
 def dead_letters(pipeline: Pipeline, topic: str, expected: int) -> dict[int, dict[str, str]]:
     """Offset -> kdb.* headers of the dead letters of ``topic`` (each offset at most once)."""
     found: dict[int, dict[str, str]] = {}
@@ -175,6 +206,47 @@ def test_a_batch_that_fails_for_good_dead_letters_every_record_with_the_batch_er
         assert headers["kdb.error.type"] == "Planned"
         assert headers["kdb.error.message"].startswith("planned failure of the batch at")
         assert headers["kdb.attempts"] == "2"
+
+
+def test_dead_letters_of_batches_replayed_to_their_topic_run_again_as_batches_each_exactly_once(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis
+) -> None:
+    topic = topic_factory(1)
+    # Key 13 makes its whole batch raise; key 57 is named in BatchFailed: two kinds of dead letters.
+    pipeline = batch_pipeline(pipeline_factory, topic, KDB_TEST_BATCH_SIZE="20", KDB_TEST_RAISE_KEYS="13",
+                              KDB_TEST_FAIL_KEYS="57")
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 300)
+    workers = pipeline.start_workers(processes=1, threads=4)
+    pipeline.start_bridge()
+    (end,) = wait_committed_to_end(pipeline).values()
+    assert pipeline.bridges[0].stop() == 0
+    workers.stop(timeout=10)
+    failed = set(range(end)) - read_history(redis_client).succeeded(topic, 0)
+    raised = {o for c in read_history(redis_client).calls if c.outcome == "raise" for o in c.offsets}
+    assert raised - {o for o in range(end) if o % 97 == 13}, "a raising batch held other records too"
+    assert {o for o in range(end) if o % 97 == 57} <= failed
+    letters = dead_letters(pipeline, topic, len(failed))
+    assert set(letters) == failed
+    values = {int(m.value()) for m in read_raw(pipeline.kafka.bootstrap_servers, f"{topic}.dlq", len(failed))}
+    assert values == failed, "record i has value i: the dead letters carry the original values"
+
+    result = replay(pipeline.env, f"{topic}.dlq")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"replayed {len(failed)} record(s) from {topic}.dlq: {len(failed)} to {topic}" in result.stdout
+    del pipeline.env["KDB_TEST_RAISE_KEYS"], pipeline.env["KDB_TEST_FAIL_KEYS"]  # the fix is deployed
+    redis_client.delete(EVENTS)
+    pipeline.start_workers(processes=1, threads=4)
+    pipeline.start_bridge()
+    ends = wait_committed_to_end(pipeline)
+    assert ends == {(topic, 0): end + len(failed)}
+    assert pipeline.bridges[1].stop() == 0
+    calls = read_history(redis_client).partition(topic, 0)
+    assert all(c.outcome == "ok" for c in calls)
+    assert [o for c in calls for o in c.offsets] == list(range(end, end + len(failed))), "only the copies, once each"
+    assert max(len(c.offsets) for c in calls) > 1, "the copies ran as batches"
+    copies = read_raw(pipeline.kafka.bootstrap_servers, topic, end + len(failed))[end:]
+    assert sorted(int(m.value()) for m in copies) == sorted(failed)
+    assert all(not k.startswith("kdb.") for m in copies for k, _ in m.headers() or [])
 
 
 def test_a_worker_killed_mid_batch_reruns_the_whole_batch_and_loses_nothing(

@@ -27,7 +27,10 @@ commits ahead of an unfinished record (I2), starts out of offset order within on
 overlapping starts (I4), records processed again after their offset was committed (I5), a final
 commit short of the end (I7), and committed offsets that went backwards (I8). It is unit-tested
 on synthetic good and bad histories (`tests/unit/test_checker.py`). The negative control turns on
-`BRIDGE_UNSAFE_COMMIT_AT_DISPATCH` and must be caught losing records.
+`BRIDGE_UNSAFE_COMMIT_AT_DISPATCH` and must be caught losing records. With a batch handler every
+record of a call is a start and an end sharing the call's token: the call counts as one run, and
+a call may repeat the one before it, from its first offset, only when that one failed or its
+worker was killed (the whole batch runs again, never a subset that skips a prefix).
 
 ```sh
 .venv/bin/python -m pytest -m reliability        # the whole suite (about 15 minutes)
@@ -35,10 +38,10 @@ on synthetic good and bad histories (`tests/unit/test_checker.py`). The negative
 RELIABILITY_SEED=1234 .venv/bin/python -m pytest -m reliability -k storm   # repeat one run
 ```
 
-The fast subset (baseline, SIGKILL loop, crash points, worker kill, bridge and workers killed
-together, ledger wiped mid-run, negative control, the Redis Cluster failover and the Kafka leader
-SIGKILL) runs in `.ci/run`. Every scenario prints its seed; a run whose verdict is not the
-expected one keeps its histories under `.cache/reliability/failed/`.
+The fast subset (baseline, SIGKILL loop, crash points, worker kill, worker kill mid-batch,
+bridge and workers killed together, ledger wiped mid-run, negative control, the Redis Cluster
+failover and the Kafka leader SIGKILL) runs in `.ci/run`. Every scenario prints its seed; a run
+whose verdict is not the expected one keeps its histories under `.cache/reliability/failed/`.
 
 """
 

@@ -1,10 +1,11 @@
 """A batch handler for the integration tests, configured through the environment.
 
-Each call appends a start event and an end event for the whole batch to one Redis list:
+Each call appends a start event and an end event for each partition's records in it (one
+partition, or several with ``batch_by="topic"``) to one Redis list:
 ``S|topic|partition|offsets|pid|token|ms`` and ``E|topic|partition|offsets|pid|token|ms|outcome``
-(``offsets`` comma-separated), so a test can check order across batches, overlap, completeness
-and batch sizes from one totally ordered history. The encoded size of each message goes to
-``kdb-test:sizes``.
+(``offsets`` comma-separated; ``token`` is ``<call>-<partition>``), so a test can check order
+across batches, overlap, completeness and batch sizes from one totally ordered history. The
+encoded size of each message goes to ``kdb-test:sizes``.
 
   KDB_TEST_TOPICS         comma-separated topics (required)
   KDB_TEST_BATCH_SIZE     batch_size (default 100)
@@ -56,23 +57,34 @@ class Planned(Exception):
 )
 @dramatiq.actor(max_retries=int(os.environ.get("KDB_TEST_MAX_RETRIES", "0")), min_backoff=20, max_backoff=100)
 def record_batch(records: list[Record]) -> None:
-    first = records[0]
-    offsets = ",".join(str(r.offset) for r in records)
-    coords = f"{first.topic}|{first.partition}|{offsets}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
-    _events.rpush(EVENTS, f"S|{coords}|{int(time.time() * 1000)}")
+    parts: dict[tuple[str, int], list[Record]] = {}
+    for r in records:
+        parts.setdefault((r.topic, r.partition), []).append(r)
+    call = uuid.uuid4().hex[:12]
+    coords = {
+        tp: f"{tp[0]}|{tp[1]}|{','.join(str(r.offset) for r in found)}|{os.getpid()}|{call}-{tp[1]}"
+        for tp, found in parts.items()
+    }
+    started = int(time.time() * 1000)
+    _events.rpush(EVENTS, *[f"S|{c}|{started}" for c in coords.values()])
     message = CurrentMessage.get_current_message()
     if message is not None:
         _events.rpush(EVENTS.replace("events", "sizes"), len(message.encode()))
-    outcome = "ok"
+    first = records[0]
+    outcomes = dict.fromkeys(parts, "ok")
     try:
         if SLEEP:
             time.sleep(SLEEP)
         if any(r.key in RAISE_KEYS for r in records):
-            outcome = "raise"
+            outcomes = dict.fromkeys(parts, "raise")
             raise Planned(f"planned failure of the batch at {first.topic}[{first.partition}]@{first.offset}")
         failed = {r: Planned(f"planned failure of {r.offset}") for r in records if r.key in FAIL_KEYS}
         if failed:
-            outcome = "partial:" + ",".join(str(r.offset) for r in failed)
+            for tp in parts:
+                named = [str(r.offset) for r in failed if (r.topic, r.partition) == tp]
+                if named:
+                    outcomes[tp] = "partial:" + ",".join(named)
             raise BatchFailed(failed)
     finally:
-        _events.rpush(EVENTS, f"E|{coords}|{int(time.time() * 1000)}|{outcome}")
+        ended = int(time.time() * 1000)
+        _events.rpush(EVENTS, *[f"E|{c}|{ended}|{outcomes[tp]}" for tp, c in coords.items()])

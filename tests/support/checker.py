@@ -166,21 +166,35 @@ def check(
             high = max(high, s.offset)
 
     # I4: within one assignment epoch, starts of a partition (key) follow offset order (a retry
-    # repeats the offset it is on); starts never overlap, across epochs too.
+    # repeats the offset it is on); starts never overlap, across epochs too. The records of one
+    # batch call share its token: they start together, in offset order, and count as one run; a
+    # call may go back only to repeat the call before it, from that call's first offset on, when
+    # that call failed (a retry) or its worker was killed (maybe after the call returned, before
+    # the ledger heard of it).
     if ordering in ("partition", "key"):
         last: dict[tuple[object, ...], int] = {}
+        calls: dict[tuple[object, ...], tuple[str, int, bool, int]] = {}  # token, first offset, ended ok, pid
         running: dict[tuple[object, ...], HandlerEvent | None] = {}
         for e in events:
             unit: tuple[object, ...] = (e.topic, e.partition) + ((e.key,) if ordering == "key" else ())
+            scope = (*unit, e.epoch)
             if e.kind == "S":
-                previous = last.get((*unit, e.epoch))
-                if previous is not None and e.offset < previous:
+                previous = last.get(scope)
+                token, first, ended_ok, pid = calls.get(scope, ("", -1, True, 0))
+                same_call = bool(e.token) and e.token == token
+                if same_call:
+                    in_order = previous is None or e.offset > previous
+                else:
+                    repeats = e.offset >= first and (not ended_ok or pid in killed)
+                    in_order = previous is None or e.offset >= previous or repeats
+                    calls[scope] = (e.token, e.offset, False, e.pid)
+                if not in_order:
                     verdict.order.append(
                         f"{e.topic}[{e.partition}] epoch {e.epoch}: @{e.offset} started after @{previous}"
                     )
-                last[(*unit, e.epoch)] = e.offset
+                last[scope] = e.offset
                 current = running.get(unit)
-                if current is not None and current.pid not in killed:
+                if current is not None and current.pid not in killed and not same_call:
                     verdict.overlaps.append(
                         f"{e.topic}[{e.partition}]@{e.offset} started while @{current.offset} ran (pid {current.pid})"
                     )
@@ -189,6 +203,8 @@ def check(
                 current = running.get(unit)
                 if current is not None and current.offset == e.offset:
                     running[unit] = None
+                if scope in calls and calls[scope][0] == e.token:
+                    calls[scope] = (e.token, calls[scope][1], e.outcome == "ok", calls[scope][3])
 
     # I5: a duplicate is a record processed again while it was not yet committed (it was in
     # flight at a fault); processing a record again after its offset was committed is not.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import dramatiq
 import pytest
@@ -166,7 +167,7 @@ def test_a_batch_handler_is_registered_with_its_options(stub_broker: StubBroker)
         ({"batch_size": True}, "batch_size=True"),
         ({"batch_size": 10, "batch_timeout": -1}, "batch_timeout=-1"),
         ({"batch_timeout": 1.0}, "need batch_size"),
-        ({"batch_size": 10, "batch_by": "topic"}, "batch_by='topic'"),
+        ({"batch_size": 10, "batch_by": "topics"}, "batch_by='topics'"),
         ({"batch_size": 10, "batch_by": "key"}, "batch_by='key'"),
         ({"batch_size": 10, "message_format": "value"}, "message_format='value'"),
     ],
@@ -189,6 +190,8 @@ def test_batch_failed_names_records_or_offsets_and_refuses_an_empty_map() -> Non
     assert failed.detail(9) == {"type": "BatchFailed", "message": "also bad"}
     with pytest.raises(ValueError, match="names no failed record"):
         BatchFailed({})
+    decoded = Record("events", 0, 8, None, {"json": ["values"]})
+    assert BatchFailed({decoded: "a dict value does not keep a record from being named"}).failed == {8: ANY}
 
 
 # -- the ledger's batch end ---------------------------------------------------------------------
@@ -198,7 +201,7 @@ def test_a_batch_end_settles_every_offset_at_once(ledger: Ledger) -> None:
     copy = Try(10, 1, 1, 0, "tok")
     assert ledger.start(P, copy, "w")[0] == "run"
     error = {"error": {"type": "E", "message": "m"}}
-    settled = ledger.finish_batch(P, BatchEnd(copy, [10, 11, 13], {12: error}), "w")
+    (settled,) = ledger.finish_batch([(P, BatchEnd(copy, [10, 11, 13], {12: error}))], "w")
     assert settled == 4
     assert ledger.done_from(P, 0) == {10, 11, 13}
     assert ledger.running(P) == {}
@@ -210,17 +213,29 @@ def test_a_batch_end_settles_every_offset_at_once(ledger: Ledger) -> None:
 def test_a_batch_retry_keeps_the_batch_alive_under_the_first_record_it_retries(ledger: Ledger) -> None:
     copy = Try(10, 1, 1, 0, "tok")
     ledger.start(P, copy, "w")
-    ledger.finish_batch(P, BatchEnd(Try(10, 1, 1, 1, "tok"), [10, 11], {}, next=12, delay_ms=60_000), "w")
+    ledger.finish_batch([(P, BatchEnd(Try(10, 1, 1, 1, "tok"), [10, 11], {}, next=12, delay_ms=60_000))], "w")
     running = ledger.running(P)
     assert set(running) == {12} and running[12]["s"] == "retry"
     assert ledger.done_from(P, 0) == {10, 11}
     assert ledger.start(P, Try(12, 1, 1, 1, "retry-tok"), "w") == ("run", 1)
 
 
+def test_a_batch_retry_that_started_before_its_previous_try_ended_keeps_its_own_registration(
+    ledger: Ledger,
+) -> None:
+    # dramatiq enqueues the retry before the try's end is written; with a short backoff another
+    # thread starts it first.
+    ledger.start(P, Try(10, 1, 1, 0, "first"), "w")
+    assert ledger.start(P, Try(11, 1, 1, 1, "retry"), "w")[0] == "run"
+    ledger.finish_batch([(P, BatchEnd(Try(10, 1, 1, 1, "first"), [10], {}, next=11, delay_ms=60_000))], "w")
+    running = ledger.running(P)
+    assert set(running) == {11} and (running[11]["k"], running[11]["s"]) == ("retry", "run")
+
+
 def test_a_superseded_batch_copy_cannot_fail_records_but_its_successes_count(ledger: Ledger) -> None:
     ledger.start(P, Try(10, 1, 1, 0, "old"), "w")
     ledger.stale({P: [10]}, 0.0)  # the bridge dispatched the batch again: attempt 2
-    ledger.finish_batch(P, BatchEnd(Try(10, 1, 1, 0, "old"), [10], {11: {"error": {}}}), "w")
+    ledger.finish_batch([(P, BatchEnd(Try(10, 1, 1, 0, "old"), [10], {11: {"error": {}}}))], "w")
     assert ledger.done_from(P, 0) == {10}
     assert ledger.completions([P])[P].failed == {}
 

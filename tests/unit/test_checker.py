@@ -76,6 +76,41 @@ def test_overlapping_starts_in_one_partition_are_reported_unless_the_runner_was_
                  killed_pids=[7]).overlaps == []
 
 
+def call(offsets: list[int], token: str, *, ms: int, pid: int = 1, ended: bool = True) -> list[HandlerEvent]:
+    """One batch call: its records start together and end together, sharing the call's token."""
+    events = [HandlerEvent("S", T, 0, o, str(o % 2), pid, 1, ms, "", token) for o in offsets]
+    if ended:
+        events += [HandlerEvent("E", T, 0, o, str(o % 2), pid, 1, ms + 5, "ok", token) for o in offsets]
+    return events
+
+
+def test_the_records_of_a_batch_call_start_together_and_count_as_one_run() -> None:
+    events = call([0, 1, 2, 3], "a", ms=0) + call([4, 5, 6, 7], "b", ms=10)
+    verdict = check(produced(8), events, samples((100, 8)), final_committed={(T, 0): 8}, ordering="partition")
+    assert verdict.ok, verdict.violations
+    overlapping = call([0, 1], "a", ms=0, ended=False) + call([2, 3], "b", ms=2)
+    assert check(produced(4), overlapping, [], final_committed={(T, 0): 4}, ordering="partition").overlaps == [
+        "t[0]@2 started while @1 ran (pid 1)"
+    ]
+
+
+def test_a_killed_batch_call_may_be_repeated_from_its_first_offset_but_no_call_goes_back_further() -> None:
+    killed = call([0, 1], "a", ms=0) + call([2, 3, 4], "b", ms=10, pid=7, ended=False)
+    rerun = killed + call([2, 3, 4], "c", ms=20, pid=8)
+    verdict = check(produced(5), rerun, [], final_committed={(T, 0): 5}, ordering="partition", killed_pids=[7])
+    assert verdict.ok, verdict.violations
+    back = killed + call([1, 2, 3, 4], "c", ms=20, pid=8)
+    assert check(produced(5), back, [], final_committed={(T, 0): 5}, ordering="partition",
+                 killed_pids=[7]).order == ["t[0] epoch 1: @1 started after @4"]
+    # Killed after the call returned, before the ledger heard of it: the whole call runs again.
+    returned = call([0, 1], "a", ms=0) + call([2, 3, 4], "b", ms=10, pid=7) + call([2, 3, 4], "c", ms=20, pid=8)
+    assert check(produced(5), returned, [], final_committed={(T, 0): 5}, ordering="partition",
+                 killed_pids=[7]).order == []
+    after_success = call([0, 1, 2], "a", ms=0) + call([1, 2], "b", ms=10)
+    assert check(produced(3), after_success, [], final_committed={(T, 0): 3},
+                 ordering="partition").order == ["t[0] epoch 1: @1 started after @2"]
+
+
 def test_a_commit_regression_is_reported() -> None:
     verdict = check(produced(3), run([0, 1, 2]), samples((50, 3), (60, 1), (70, 3)),
                     final_committed={(T, 0): 3}, ordering="none")

@@ -17,9 +17,11 @@ if own or c == nil then
   redis.call('HDEL', K_RUNNING, leader)
   redis.call('HDEL', K_BEATS, leader)
 end
+-- dramatiq holds the retry in a delay queue: alive until its eta, with its retry count. If the
+-- retry started meanwhile (its delay can be shorter than this write), its own registration stands.
+local retry = next_leader >= 0 and registration(next_leader) or nil
 if next_leader >= 0 and not outdated and tonumber(redis.call('GET', K_EPOCH) or '0') <= e
-    and not is_done(next_leader) then
-  -- dramatiq holds the retry in a delay queue: alive until its eta, with its retry count.
+    and not is_done(next_leader) and (retry == nil or retry.k == k) then
   register(next_leader, e, a, r, k, worker, now + delay, 'retry')
 end
 
