@@ -22,7 +22,7 @@ import redis
 from bridge.errors import LedgerUnavailable
 from bridge.keys import FINISHED_PATTERN, PartitionKeys
 from bridge.ledger import End, Ledger, Try, connect
-from bridge.ledger.batches import CHUNK
+from bridge.ledger.batches import CHUNK, BatchEnd
 from bridge.ledger.cluster import LedgerCluster
 from bridge.ledger.control import Command, ControlStore, Pause
 from bridge.ledger.scripts import script
@@ -168,6 +168,15 @@ def test_batched_starts_and_ends_over_every_primary_leave_what_they_leave_on_a_s
     assert answers == {k: [("done", 0), ("fenced", 0), *[("run", 0)] * 5] for k in parts}
     assert ledger_state(on_cluster, parts[0])["failed"] == {str(first - 10): json.dumps({**failure, "e": 2})}
 
+    # A batch handler's call over every partition of the topic (batch_by="topic") ends in one
+    # batch.lua call per partition, in one round trip.
+    leader = Try(1000, 2, 1, 0, "b")
+    both({k: [(leader, "w")] for k in parts}, {})
+    topic_batch = [(k, BatchEnd(leader, [1000, 1001, 1003], {1002: failure})) for k in parts]
+    assert on_cluster.finish_batch(topic_batch, "w") == on_one.finish_batch(topic_batch, "w") == [4] * len(parts)
+    for k in parts:
+        assert ledger_state(on_cluster, k) == ledger_state(on_one, k), f"partition {k.partition}"
+
     # A promoted replica has no scripts (unless it was a primary before, hence the flush): the batch
     # meets NOSCRIPT there, loads them and runs again.
     old = redis_cluster.node_for_key(parts[0].epoch)
@@ -177,7 +186,8 @@ def test_batched_starts_and_ends_over_every_primary_leave_what_they_leave_on_a_s
     assert new.command("SCRIPT", "EXISTS", many) == [0]
     ends = {k: [End(Try(o, 2, 1, 0, f"t{o}"), "done") for o in range(first, first + 5)] for k in parts}
     assert both({}, ends) == {}
-    assert all(on_cluster.done_from(k, 0) == set(range(first - 10)) | set(range(first, first + 5)) for k in parts)
+    assert all(on_cluster.done_from(k, 0) == set(range(first - 10)) | set(range(first, first + 5)) | {1000, 1001, 1003}
+               for k in parts)
     on_cluster.client.close()
     on_one.client.close()
 
