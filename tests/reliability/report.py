@@ -64,7 +64,8 @@ records still running before it dispatches again, so their commits stand still f
 after each move; the scenario moves them twice, seconds apart. The other partitions go on.
 A Kafka broker killed while it is also the group's coordinator stalls every partition's commits
 until the group finds its new coordinator and joins again (the consumer's session times out
-first). Measured on 2026-11-27: 17 s in a run where it was, 1.3-2.1 s in runs where it was not.
+first). Measured on 2026-11-27: 17 s in a run where it was, 1.3-2.1 s in runs where it was
+not.
 
 """
 FAILOVER_COLUMNS = (
