@@ -97,3 +97,12 @@ def test_no_test_reaches_into_a_private_attribute_of_the_package() -> None:
                 if attribute not in _NOT_OURS and owner not in ("self", "cls", "os", "sys", "threading"):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {owner}.{attribute}")
     assert offenders == []
+
+
+def test_no_two_test_modules_share_a_file_name() -> None:
+    # The test directories are not packages: pytest imports each test file under its bare name,
+    # and a second file of the same name stops the whole session at collection.
+    seen: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
