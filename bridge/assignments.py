@@ -28,6 +28,7 @@ from .flow import Flow
 from .keys import PartitionKeys
 from .lanes import lane_of
 from .ledger import Ledger, LedgerError
+from .ledger.connection import home
 from .logs import coordinates
 from .owned import TP, Assignment, Marks, Owned, Partitions
 from .partition import PartitionState
@@ -83,6 +84,8 @@ class Assignments:
         self.joined = False
         #: The last epoch this bridge knew for each partition, so a new one is always higher.
         self._epochs: dict[TP, int] = {}
+        #: The Redis Cluster primary that held each partition's ledger keys at the last look.
+        self._homes: dict[TP, str] = {}
 
     @property
     def _live(self) -> float:
@@ -141,6 +144,7 @@ class Assignments:
             if epochs is not None:
                 handler.actor.broker.declare_queue(owned.lane)
                 self._epochs[owned.key] = owned.state.epoch
+                self._moved([owned])  # where its keys live now
             self._partitions.add(owned)
             if self._probe:
                 self._probe.event("assigned", t=tp.topic, p=tp.partition, e=owned.state.epoch, start=start)
@@ -181,6 +185,7 @@ class Assignments:
                 self._ledger.retire([o.keys for o in revoked], RETIRED_PARTITION_TTL)
         for owned in revoked:
             self._partitions.remove(owned.key)
+            self._homes.pop(owned.key, None)
             logger.info("revoked %s: committed %d", owned.where, owned.marks.confirmed,
                         extra=coordinates(owned.topic, owned.partition))
             if self._probe:
@@ -263,7 +268,8 @@ class Assignments:
         self._ledger.open_lanes({o.lane: o.topic for o in ready})
         lost: list[Owned] = []
         for owned, epoch in zip(ready, self._ledger.epochs([o.keys for o in ready]), strict=True):
-            if epoch is None:
+            # Lower than ours: a failover lost the last writes before they reached a replica.
+            if epoch is None or epoch < owned.state.epoch:
                 lost.append(owned)
             elif epoch > owned.state.epoch and not owned.assignment.fenced:
                 # A newer owner bumped it: Kafka revokes it from this bridge soon; until then it
@@ -271,14 +277,32 @@ class Assignments:
                 owned.assignment.fenced = True
                 logger.warning("%s: the ledger shows a newer owner (epoch %d); not dispatching or committing it",
                                owned.where, epoch)
+        moved = {o: where for o, where in self._moved(ready).items() if o not in lost}
         if lost:
-            self._restart(lost)
+            self._restart(lost, "the ledger lost this partition's state")
+        for owned, where in moved.items():
+            self._restart([owned], f"its ledger keys moved to another Redis primary ({where}: a failover, which "
+                                   "may have lost the last writes)")
         self._ledger.forget_lanes(RETIRED_PARTITION_TTL * 1000)
 
-    def _restart(self, lost: list[Owned]) -> None:
+    def _moved(self, owned: list[Owned]) -> dict[Owned, str]:
+        """Partitions whose ledger keys another Redis Cluster primary holds since the last look
+        ("old -> new"). Replication is asynchronous, so a failover may have lost facts workers
+        acted on: the partition restarts like a wiped one, and what runs again runs under a new epoch."""
+        moved = {}
+        for o in owned:
+            now_at = home(self._ledger.client, o.keys.epoch)
+            if now_at is None:
+                continue
+            before, self._homes[o.key] = self._homes.get(o.key), now_at
+            if before is not None and before != now_at:
+                moved[o] = f"{before} -> {now_at}"
+        return moved
+
+    def _restart(self, lost: list[Owned], why: str) -> None:
         """The ledger lost these partitions' state (flushed, restarted without persistence,
-        evicted): start a new epoch and dispatch every unfinished record again, after the records
-        still running in workers registered themselves again and finished."""
+        evicted, failed over): start a new epoch and dispatch every unfinished record again, after
+        the records still running in workers registered themselves again and finished."""
         epochs = self._ledger.bump_epochs({o.keys: (o.marks.confirmed, self._epochs.get(o.key, 0)) for o in lost})
         now = self._now()
         for owned, epoch in zip(lost, epochs, strict=True):
@@ -291,9 +315,8 @@ class Assignments:
                 handover_after=now + self._live,
             )
             logger.error(
-                "%s: the ledger lost this partition's state; new epoch %d, dispatching %d unfinished record(s) "
-                "again from offset %d",
-                owned.where, epoch, again, owned.marks.confirmed,
+                "%s: %s; new epoch %d, dispatching %d unfinished record(s) again from offset %d",
+                owned.where, why, epoch, again, owned.marks.confirmed,
             )
 
 

@@ -3,7 +3,7 @@
 The original record (raw key, value, headers, timestamp) is written with ``acks=all`` and
 idempotence on, plus ``kdb.*`` headers that say where it came from and why it failed. An offset
 becomes committable only once Kafka acknowledged its dead letter; a failed write is retried with
-backoff (2 s doubling to 60 s).
+backoff (2 s doubling to 60 s), and one that found its topic missing asks Kafka to create it again.
 
 :class:`DeadLetters` is the producer; :class:`DeadLetterRouter` is the loop's room that routes a
 final failure to it and turns acknowledged dead letters into done facts. Both are used from the
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -34,6 +37,11 @@ logger = logging.getLogger("bridge.deadletter")
 
 #: Header names the bridge adds to a dead letter (the original headers come first).
 HEADER_PREFIX = "kdb."
+
+#: What a write to a dead-letter topic that does not exist reports.
+_MISSING_TOPIC = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC)
+#: Seconds between two requests to create the same missing dead-letter topic.
+RECREATE_INTERVAL = 30.0
 
 # librdkafka properties that only mean something to a consumer; not passed to the producer.
 _CONSUMER_ONLY = (
@@ -111,6 +119,10 @@ class DeadLetters:
         self.settings = settings
         self._producer: Any = producer_factory(producer_config(settings))
         self._outcomes: list[Outcome] = []
+        self._admin: Any = None
+        #: Dead-letter topics a write found missing since the last poll, and when each was last asked for.
+        self._missing: set[str] = set()
+        self._asked: dict[str, float] = {}
 
     def ensure_topics(self, topics: Iterable[str], timeout: float = 15.0) -> None:
         """Create dead-letter topics that do not exist yet (one partition, the broker's default
@@ -136,6 +148,10 @@ class DeadLetters:
             except KafkaException as e:
                 if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     logger.error("cannot create dead-letter topic %s: %s", topic, e)
+            except TimeoutError:
+                # A broker lost while the controller creates it: the creation may still finish.
+                logger.error("cannot create dead-letter topic %s: Kafka at %s gave no answer within %.0fs",
+                             topic, self.settings.bootstrap_servers, timeout)
         admin.poll(0)
 
     def send(self, dead_letter_topic: str, env: Mapping[str, Any], headers: list[tuple[str, bytes | None]]) -> None:
@@ -145,6 +161,8 @@ class DeadLetters:
 
         def report(error: KafkaError | None, _message: Any) -> None:
             self._outcomes.append(Outcome(topic, partition, offset, None if error is None else error.str()))
+            if error is not None and error.code() in _MISSING_TOPIC:
+                self._missing.add(dead_letter_topic)
 
         kwargs: dict[str, Any] = {"key": raw_key, "value": raw_value, "headers": headers, "on_delivery": report}
         if env.get("ts") is not None:
@@ -156,12 +174,41 @@ class DeadLetters:
 
     def poll(self) -> list[Outcome]:
         self._producer.poll(0)
+        if self._missing:
+            self._create_missing()
+        if self._admin is not None:
+            self._admin.poll(0)
         outcomes, self._outcomes = self._outcomes, []
         return outcomes
+
+    def _create_missing(self) -> None:
+        """Ask Kafka again for dead-letter topics that writes found missing (a creation at start that
+        a broker failure cut short); does not wait: the writes are retried after their backoff."""
+        missing, self._missing = self._missing, set()
+        if not self.settings.create_dead_letter_topics:
+            return
+        now = time.monotonic()
+        due = sorted(t for t in missing if now - self._asked.get(t, now - RECREATE_INTERVAL) >= RECREATE_INTERVAL)
+        if not due:
+            return
+        if self._admin is None:
+            self._admin = AdminClient(producer_config(self.settings))
+        for topic, future in self._admin.create_topics([NewTopic(t, num_partitions=1) for t in due]).items():
+            self._asked[topic] = now
+            logger.warning("dead-letter topic %s does not exist; asking Kafka to create it", topic)
+            future.add_done_callback(partial(_created, topic))
 
     def flush(self, timeout: float) -> list[Outcome]:
         self._producer.flush(timeout)
         return self.poll()
+
+
+def _created(topic: str, future: Future[None]) -> None:
+    error = future.exception()
+    if error is None:
+        logger.info("created dead-letter topic %s", topic)
+    elif not (isinstance(error, KafkaException) and error.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+        logger.error("cannot create dead-letter topic %s: %s", topic, error)
 
 
 class DeadLetterRouter:

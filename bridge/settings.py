@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigurationError
+from .ledger.connection import SCHEMES, cluster_nodes, is_cluster
 from .probe import CRASH_POINTS
 
 #: ``BRIDGE_LANES``: how partitions map onto dramatiq queues (see :mod:`bridge.lanes`).
@@ -40,8 +41,10 @@ class WorkerSettings(BaseSettings):
     redis_url: str = Field(
         "redis://localhost:6379/0",
         description=(
-            "The ack ledger (`redis://`, `rediss://` or `unix://`). Bridges and workers of one group must use"
-            " the same one."
+            "The ack ledger: one Redis (`redis://`, `rediss://` or `unix://`) or a Redis Cluster"
+            " (`redis+cluster://host:port,host:port`, `rediss+cluster://` over TLS; one node is enough to find"
+            " the others, more let it start with one down). Bridges and workers of one group must use the same"
+            " one."
         ),
     )
     lane_refresh_interval: float = Field(
@@ -75,8 +78,10 @@ class WorkerSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value.startswith(SCHEMES):
+            raise ValueError(f"must start with {', '.join(SCHEMES[:-1])} or {SCHEMES[-1]}")
+        if is_cluster(value):
+            cluster_nodes(value)  # its ValueError names what is wrong
         return value
 
 
@@ -207,7 +212,10 @@ class Settings(WorkerSettings):
     )
     create_dead_letter_topics: bool = Field(
         True,
-        description="Create missing dead-letter topics at start (one partition, the broker's default replication).",
+        description=(
+            "Create missing dead-letter topics at start, and again when a write finds one missing (one partition,"
+            " the broker's default replication)."
+        ),
     )
     wait_for_topics: bool = Field(
         False,

@@ -47,14 +47,15 @@ def _kafka_cluster(data: Path, version: str | None) -> _Stack:
     )
 
 
-def _redis(data: Path) -> _Stack:
+def _redis(data: Path, variable: str = "BRIDGE_REDIS_URL") -> _Stack:
     server = RedisServer(data / "redis")
-    return _Stack("redis", "BRIDGE_REDIS_URL", lambda: [server], server.start, lambda: server.url)
+    return _Stack("redis", variable, lambda: [server], server.start, lambda: server.url)
 
 
 def _redis_cluster(data: Path) -> _Stack:
     cluster = RedisCluster(data / "redis-cluster")
-    return _Stack("redis-cluster", "BRIDGE_REDIS_URL", lambda: cluster.nodes, cluster.start, lambda: cluster.url)
+    return _Stack("redis-cluster", "BRIDGE_REDIS_URL", lambda: cluster.nodes, cluster.start,
+                  lambda: cluster.ledger_url)
 
 
 def _all_stacks(data: Path) -> list[_Stack]:
@@ -78,9 +79,13 @@ def _cmd_fetch_kafka(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     make_kafka = _kafka_cluster if args.kafka_cluster else _kafka
     kafka = make_kafka(args.data, args.kafka_version)
-    redis = _redis_cluster(args.data) if args.redis_cluster else _redis(args.data)
+    # dramatiq's Redis broker has no cluster mode: with the ledger on the cluster, the example
+    # fleet's task broker (DRAMATIQ_REDIS_URL) is a single redis-server.
+    redis = [_redis(args.data, "DRAMATIQ_REDIS_URL"), _redis_cluster(args.data)] if args.redis_cluster else [
+        _redis(args.data)
+    ]
     exports: list[str] = []
-    for stack in (kafka, redis):
+    for stack in (kafka, *redis):
         pids = stack.pids()
         if pids and all(pid is not None for pid in pids):
             print(f"{stack.name}: already running (pids {_join(pids)})")
@@ -174,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kafka-cluster", action="store_true",
                     help="a 3-broker KRaft cluster (replication factor 3) instead of a single broker")
     up.add_argument("--redis-cluster", action="store_true",
-                    help="a Redis Cluster (3 primaries, 3 replicas) instead of a single redis-server")
+                    help="the ledger on a Redis Cluster (3 primaries, 3 replicas); a single redis-server stays the "
+                         "example fleet's task broker")
     up.set_defaults(func=_cmd_up)
 
     down = sub.add_parser("down", help="stop everything `up` started in the same data directory")

@@ -208,8 +208,11 @@ class KafkaCluster:
         shutdown that no controller is left to grant, hence the short timeout: its data is
         recovered on the next start like after a crash.
         """
-        stop_all(list(self._nodes.values()), timeout)
+        # Let the AdminClient go while its brokers still answer: destroyed after they are gone, a
+        # broker thread of one that was SIGKILLed and restarted mid-run never terminated and
+        # librdkafka's destroy waited for it (a session's teardown hung for 20 minutes).
         self._admin = None
+        stop_all(list(self._nodes.values()), timeout)
 
     def kill(self, node_id: int) -> None:
         """SIGKILL one broker: a crash, nothing flushed, no leadership handed over."""

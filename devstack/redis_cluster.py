@@ -229,6 +229,11 @@ class RedisCluster:
         return f"redis://{node.address}"
 
     @property
+    def ledger_url(self) -> str:
+        """``redis+cluster://`` with every node, the form ``BRIDGE_REDIS_URL`` takes for a cluster."""
+        return "redis+cluster://" + ",".join(self.addresses)
+
+    @property
     def running(self) -> bool:
         return bool(self._nodes) and all(node.running for node in self._nodes)
 

@@ -33,7 +33,7 @@ LedgerError = (LedgerUnavailable, LedgerAccessDenied)
 class Ledger:
     """Typed access to the ledger. Thread-safe (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
         self.client = client
         self._scripts = {name: client.register_script(script(name)) for name in SCRIPTS}
         self._seen_lanes = client.register_script(script("lanes_seen", common=False))
@@ -366,11 +366,7 @@ class Ledger:
         if not offsets:
             return
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.zadd(keys.done, {str(o): o for o in offsets})
-                pipe.hdel(keys.failed, *[str(o) for o in offsets])
-                pipe.hdel(keys.attempts, *[str(o) for o in offsets])
-                pipe.execute()
+            self._run("settle", keys, offsets)
         except redis.RedisError as e:
             raise failure(f"settling failures of {keys.topic}[{keys.partition}]", e) from e
 

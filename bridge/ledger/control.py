@@ -27,6 +27,7 @@ import redis
 
 from ..keys import PartitionKeys, group_key, status_key
 from ..protocol import Registration, failure_json
+from .connection import LedgerClient
 from .scripts import failure, script
 
 #: Commands the audit log keeps per group.
@@ -115,7 +116,7 @@ class ControlStore:
     """The group's operator state. Thread-safe (redis-py pools connections); every call raises
     :class:`~bridge.errors.LedgerUnavailable` or :class:`~bridge.errors.LedgerAccessDenied`."""
 
-    def __init__(self, client: redis.Redis, group: str) -> None:
+    def __init__(self, client: LedgerClient, group: str) -> None:
         self.client = client
         self.group = group
         self.paused_key = group_key(group, "paused")
@@ -124,6 +125,7 @@ class ControlStore:
         self.bridges_key = group_key(group, "bridges")
         self.audit_key = group_key(group, "audit")
         self._control = client.register_script(script("control", common=False))
+        self._pauses = client.register_script(script("pauses", common=False))
         self._skip = client.register_script(script("skip"))
         self._unstage = client.register_script(script("unstage"))
         self._reset = client.register_script(script("reset"))
@@ -203,20 +205,15 @@ class ControlStore:
 
     def change_pauses(self, add: Pause | None, remove: Iterable[str], command: Command) -> int:
         """Record a pause or remove pauses, as one command; the new command version."""
+        added = ["", ""]
+        if add is not None:
+            added = [pause_field(add.topic, add.partition), json.dumps({"since": add.since_ms, "by": add.by})]
         try:
-            with self.client.pipeline(transaction=True) as pipe:
-                if add is not None:
-                    value = json.dumps({"since": add.since_ms, "by": add.by})
-                    pipe.hset(self.paused_key, pause_field(add.topic, add.partition), value)
-                fields = list(remove)
-                if fields:
-                    pipe.hdel(self.paused_key, *fields)
-                pipe.hincrby(self.control_key, "version", 1)
-                pipe.hset(self.control_key, "last", command.to_json())
-                replies = pipe.execute()
+            version = self._pauses(keys=[self.paused_key, self.control_key],
+                                   args=[command.to_json(), *added, *remove])
         except redis.RedisError as e:
             raise failure("recording the pause", e) from e
-        return int(replies[-2])
+        return int(cast(int, version))
 
     def bridges(self) -> list[Presence]:
         """The bridges that showed themselves within :data:`PRESENCE_TIMEOUT_MS`, by name."""

@@ -20,7 +20,7 @@ def script(name: str, *, common: bool = True) -> str:
 
 
 SCRIPTS = (
-    "start", "finish", "many", "batch", "stage", "beat", "stale", "handover", "bump", "fail", "prune",
+    "start", "finish", "many", "batch", "stage", "beat", "stale", "handover", "bump", "fail", "prune", "settle",
 )
 
 #: Scripts of the operator commands (:mod:`bridge.ledger.control`); ``control`` has no prelude.
@@ -30,7 +30,8 @@ OPERATOR_SCRIPTS = ("skip", "unstage", "reset")
 _SOURCES = {
     hashlib.sha1(source.encode()).hexdigest(): source
     for source in [*(script(name) for name in (*SCRIPTS, *OPERATOR_SCRIPTS)), script("lanes_seen", common=False),
-                   script("lanes_expired", common=False), script("control", common=False)]
+                   script("lanes_expired", common=False), script("control", common=False),
+                   script("pauses", common=False)]
 }
 _SCRIPT_LINE = re.compile(r"script: (?P<sha>[0-9a-f]{40}), on @user_script:(?P<line>\d+)")
 _CALL = re.compile(r"redis\.call\('(?P<command>[A-Z]+)'")

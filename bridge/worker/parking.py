@@ -44,7 +44,9 @@ class _Slot:
 class Parking:
     """Parked records by the (channel, offset) they wait for, and the listener that frees them."""
 
-    def __init__(self, client: redis.Redis, release: Callable[[Any], object], recheck: float = 1.0) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, release: Callable[[Any], object], recheck: float = 1.0
+    ) -> None:
         self._client = client
         self._release = release
         self._recheck = recheck

@@ -16,6 +16,7 @@ import redis
 from bridge.assignments import RETIRED_PARTITION_TTL
 from bridge.keys import PartitionKeys
 from tests.support.bridge_proc import REPO
+from tests.support.core import group_protocols
 from tests.support.history import check, read_events
 from tests.support.kafka import produce_keyed, read_raw
 from tests.support.pipeline import Pipeline
@@ -23,9 +24,9 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-#: Rebalance tests run with both consumer group protocols: the classic one (cooperative-sticky
-#: assignor) and KIP-848's, where the broker computes assignments.
-PROTOCOLS = pytest.mark.parametrize("protocol", ["classic", "consumer"])
+#: Rebalance tests run with each consumer group protocol the session's Kafka serves: the classic
+#: one (cooperative-sticky assignor) and KIP-848's, where the broker computes assignments (Kafka 4).
+PROTOCOLS = pytest.mark.parametrize("protocol", group_protocols())
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from tests.support.bridge_proc import REPO, BridgeProcess
 from tests.support.checker import CommitSample, Produced, Verdict, check
 from tests.support.history import read_events
+from tests.support.http import get
 from tests.support.kafka import read_raw
 from tests.support.pipeline import Pipeline
 
@@ -110,6 +112,53 @@ class Result:
     commit_regressions: int = 0
     catch_up_s: float = 0.0
     violations: dict[str, list[str]] = field(default_factory=dict)
+    #: Longest time the group's committed offsets stood still between the first commit and the end.
+    commit_stall_s: float = 0.0
+    #: For failover scenarios: what the bridge showed of the outage (empty otherwise).
+    failover: str = ""
+
+
+def longest_commit_stall(samples: list[CommitSample], ends: dict[tuple[str, int], int]) -> float:
+    """Seconds of the longest stretch in which one partition's committed offset stood still, from
+    its first advance until it reached its end offset: how long a fault kept commits from moving
+    (records arrive on every partition all along in these scenarios)."""
+    longest = 0
+    by_tp: dict[tuple[str, int], list[CommitSample]] = {}
+    for sample in sorted(samples, key=lambda s: s.ms):
+        by_tp.setdefault((sample.topic, sample.partition), []).append(sample)
+    for tp, seen in by_tp.items():
+        last: tuple[int, int] | None = None  # (ms, offset) of the latest advance
+        first = seen[0].offset
+        for sample in seen:
+            if last is None:
+                if sample.offset > first:
+                    last = (sample.ms, sample.offset)
+            elif sample.offset > last[1]:
+                longest = max(longest, sample.ms - last[0])
+                last = (sample.ms, sample.offset)
+            if sample.offset >= ends.get(tp, 0):
+                break
+    return round(longest / 1000, 1)
+
+
+class ReadinessProbe(threading.Thread):
+    """Polls a bridge's ``/readyz`` every 100 ms and keeps what it answered, and when."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True, name="readiness-probe")
+        self.url = f"http://127.0.0.1:{port}/readyz"
+        self.answers: list[tuple[float, int | None]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.1):
+            status, _ = get(self.url)
+            self.answers.append((time.monotonic(), status))
+
+    def not_ready(self, since: float, until: float = float("inf")) -> float:
+        """Seconds ``/readyz`` answered 503 between ``since`` and ``until`` (the bridge up, not ready)."""
+        spans = [(t, status) for t, status in self.answers if since <= t <= until]
+        return round(sum(b[0] - a[0] for a, b in pairwise(spans) if a[1] == 503), 1)
 
 
 class Scenario:
@@ -127,6 +176,7 @@ class Scenario:
         self.killed_pids: set[int] = set()
         self.fault_count = 0
         self.duplicate_bound = ""
+        self.failover = ""
         self.producer: HistoryProducer | None = None
         self.sampler = CommitSampler(pipeline.kafka.bootstrap_servers, pipeline.group, self.topic, partitions)
         self.event_log = pipeline.tmp / "bridge-events.jsonl"
@@ -181,6 +231,7 @@ class Scenario:
             order_violations=len(verdict.order) + len(verdict.overlaps),
             commit_regressions=len(verdict.commit_regressions), catch_up_s=round(catch_up, 1),
             violations={k: v[:5] for k, v in verdict.violations.items()},
+            commit_stall_s=longest_commit_stall(self.sampler.samples, ends), failover=self.failover,
         )
         self._record(result, verdict, events, expect_ok)
         print(json.dumps(asdict(result)))

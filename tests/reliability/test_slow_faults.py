@@ -20,6 +20,7 @@ from devstack import KafkaServer, RedisServer, free_port
 from tests.reliability.harness import Scenario
 from tests.reliability.test_faults import PARTITIONS, assert_holds, scenario
 from tests.support.bridge_proc import BridgeProcess
+from tests.support.core import group_protocols
 from tests.support.kafka import create_topic, unique_name
 from tests.support.pipeline import Pipeline
 from tests.support.proxy import TcpProxy
@@ -46,7 +47,7 @@ def test_bridge_sigterm_loop_repeats_nothing(
     assert verdict.duplicates == 0, "graceful stops produce no duplicates"
 
 
-@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+@pytest.mark.parametrize("protocol", group_protocols())
 def test_rebalance_storm_with_three_bridges(
     pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
     protocol: str,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from confluent_kafka import TopicPartition
 from dramatiq.brokers.stub import StubBroker
 
+import bridge.assignments as assignments_module
 from bridge.assignments import RETIRED_PARTITION_TTL, Assignments
 from bridge.clock import ManualClock
 from bridge.errors import FatalError, LedgerUnavailable
@@ -151,6 +153,50 @@ def test_a_partition_whose_epoch_the_ledger_lost_starts_a_new_one_and_dispatches
     again = owned.state.take_ready(10)
     assert [(e.offset, e.prev) for e in again] == [(0, -1), (1, 0), (2, 1)], "again from the first, in order"
     assert store.lanes() == {owned.lane: T}, "lanes registered again"
+
+
+def test_a_partition_whose_epoch_went_back_starts_a_new_one_above_both_and_dispatches_again() -> None:
+    # A Redis primary that dies before its replica has the last writes: the promoted replica
+    # shows the epoch before this bridge's bump.
+    store = ledger()
+    r = room(store)
+    r.assign(0)
+    owned = r.owned()
+    owned.assignment.handing_over = False
+    deliver(owned, 0, 1)
+    owned.state.take_ready(2)
+    ours = owned.state.epoch
+    store.client.set(owned.keys.epoch, ours - 5)
+    r.assignments.upkeep()
+    assert owned.state.epoch > ours
+    assert store.epochs([owned.keys]) == [owned.state.epoch]
+    assert [e.offset for e in owned.state.take_ready(10)] == [0, 1], "again from the first, in order"
+
+
+def test_a_partition_whose_ledger_keys_moved_to_another_redis_primary_starts_a_new_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failover may lose the last writes (replication is asynchronous): what runs again must run
+    # under a new epoch, not as a same-epoch replay behind records that already ran.
+    where = {"primary": "10.0.0.1:7000"}
+    monkeypatch.setattr(assignments_module, "home", lambda client, key: where["primary"])
+    store = ledger()
+    r = room(store)
+    r.assign(0)
+    owned = r.owned()
+    owned.assignment.handing_over = False
+    deliver(owned, 0, 1)
+    owned.state.take_ready(2)
+    ours = owned.state.epoch
+    r.assignments.upkeep()
+    assert owned.state.epoch == ours, "the same primary: nothing to do"
+    where["primary"] = "10.0.0.2:7000"
+    r.assignments.upkeep()
+    assert owned.state.epoch > ours
+    assert owned.assignment.handing_over, "waits for records of the old epoch still running"
+    assert [e.offset for e in owned.state.take_ready(10)] == [0, 1], "again from the first, in order"
+    r.assignments.upkeep()
+    assert store.epochs([owned.keys]) == [owned.state.epoch], "restarted once"
 
 
 def test_a_partition_the_ledger_shows_with_a_newer_owner_is_fenced() -> None:
