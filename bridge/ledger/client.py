@@ -210,13 +210,13 @@ class Ledger:
         """The current epoch of each partition; None where the ledger has none (lost)."""
         if not partitions:
             return []
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for keys in partitions:
-                    pipe.get(keys.epoch)
-                return [int(v) if v is not None else None for v in pipe.execute()]
+        names = [keys.epoch for keys in partitions]
+        try:  # one command however many partitions (on a cluster, one per slot)
+            client = self.client
+            got = client.mget_nonatomic(names) if isinstance(client, redis.RedisCluster) else client.mget(names)
         except redis.RedisError as e:
             raise failure("reading epochs", e) from e
+        return [int(v) if v is not None else None for v in got]
 
     def retire(self, partitions: Sequence[PartitionKeys], ttl: int) -> None:
         """Let the keys of partitions this bridge gave up expire unless a new owner takes them
