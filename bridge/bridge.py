@@ -30,7 +30,7 @@ from .batching import check_batch_handlers, flush, holding
 from .clock import Clock, Every, SystemClock
 from .commit import Committer
 from .completions import Completions
-from .consumer import KafkaConsumer, await_topics, client_error, consumer_config, is_cooperative
+from .consumer import KafkaConsumer, await_topics, client_error, consumer_config, is_cooperative, take
 from .control import Control
 from .deadletter import DeadLetterRouter, DeadLetters
 from .dispatch import Dispatcher
@@ -186,7 +186,7 @@ class Bridge:
     def poll_once(self) -> None:
         """One round of the loop: poll, then everything the ledger and the task broker allow."""
         busy = self.partitions.dispatched_open() > 0
-        for message in self.consumer.consume(num_messages=self.settings.poll_batch, timeout=0.005 if busy else 0.05):
+        for message in take(self.consumer, self.settings.poll_batch, 0.005 if busy else 0.05):
             self.intake.accept(message, self.clock.monotonic())
         now = self._last_poll = self.clock.monotonic()
         self.router.collect()

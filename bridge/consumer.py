@@ -76,6 +76,18 @@ FORCED: dict[str, Any] = {
 }
 
 
+def take(consumer: KafkaConsumer, batch: int, wait: float) -> list[KafkaMessage]:
+    """Up to ``batch`` records, waiting at most ``wait`` seconds for the first.
+
+    librdkafka's batch consume waits its whole timeout for the batch to fill, so one record after
+    a quiet spell would wait that timeout out: wait for one, then take what else is there at once.
+    """
+    first = consumer.consume(num_messages=1, timeout=wait)
+    if not first or batch <= 1:
+        return list(first)
+    return [*first, *consumer.consume(num_messages=batch - 1, timeout=0)]
+
+
 def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
     """librdkafka configuration of the bridge's consumer."""
     config: dict[str, Any] = {
