@@ -10,19 +10,43 @@ message.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from .errors import PartialDispatch, TaskBrokerUnavailable
 from .keys import WAKE_PREFIX
 
+logger = logging.getLogger("bridge")
+
 
 def _failed(sent: int, messages: Sequence[dramatiq.Message[Any]], error: Exception) -> PartialDispatch:
     first = messages[sent]
     return PartialDispatch(sent, TaskBrokerUnavailable(f"enqueue on lane {first.queue_name} failed: {error}"))
+
+
+#: Brokers whose Redis user may not publish wake-ups (an ACL without the channel).
+_UNWOKEN: weakref.WeakSet[dramatiq.Broker] = weakref.WeakSet()
+
+
+def _refused_channel(error: redis.ResponseError) -> bool:
+    return isinstance(error, redis.exceptions.NoPermissionError) and "channel" in str(error)
+
+
+def _write(broker: Any, queues: dict[str, tuple[dict[str, bytes], list[str]]], *, wake: bool) -> None:
+    with broker.client.pipeline(transaction=True) as pipe:
+        for queue, (bodies, ids) in queues.items():
+            name = f"{broker.namespace}:{queue}"
+            pipe.hset(f"{name}.msgs", mapping=bodies)
+            pipe.rpush(name, *ids)
+            if wake:  # idle consumers of the lane fetch at once instead of at their next poll
+                pipe.publish(WAKE_PREFIX + queue, b"")
+        pipe.execute()
 
 
 def pipelined(broker: dramatiq.Broker) -> bool:
@@ -57,14 +81,17 @@ def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[An
         ids.append(message.message_id)
         sent.append(message)
     try:
-        with redis_broker.client.pipeline(transaction=True) as pipe:
-            for queue, (bodies, ids) in queues.items():
-                name = f"{redis_broker.namespace}:{queue}"
-                pipe.hset(f"{name}.msgs", mapping=bodies)
-                pipe.rpush(name, *ids)
-                # Idle consumers of the lane fetch at once instead of at their next poll.
-                pipe.publish(WAKE_PREFIX + queue, b"")
-            pipe.execute()
+        try:
+            _write(redis_broker, queues, wake=broker not in _UNWOKEN)
+        except redis.ResponseError as e:
+            if not _refused_channel(e) or broker in _UNWOKEN:
+                raise
+            # MULTI refused as a whole, nothing written: write again without the wake-ups.
+            _UNWOKEN.add(broker)
+            logger.warning("the task broker's Redis user may not publish on %s*, so idle workers poll for "
+                           "new records instead of being woken (grant &%s* to that user): %s",
+                           WAKE_PREFIX, WAKE_PREFIX, e)
+            _write(redis_broker, queues, wake=False)
     except Exception as e:
         raise _failed(0, messages, e) from e
     for message in sent:

@@ -125,8 +125,8 @@ class Waker:
 
     def _ensure_listener(self) -> None:
         with self._lock:
-            if self._listener is not None and self._listener.is_alive():
-                return
+            if self._listener is not None and (self._listener.is_alive() or not self._stop.is_set()):
+                return  # alive, or ended for good (refused); close() lets the next consumer start one
             self._stop.clear()
             self._listener = threading.Thread(target=self._listen, name="kdb-waker", daemon=True)
             self._listener.start()
@@ -148,6 +148,10 @@ class Waker:
                         if isinstance(channel, str):
                             self.wake(channel[len(WAKE_PREFIX):])
             except redis.RedisError as e:
+                if isinstance(e, redis.exceptions.NoPermissionError):
+                    # An ACL without the channel: nothing to retry. Consumers poll as stock dramatiq does.
+                    self._refused(e)
+                    return
                 if time.monotonic() - subscribed_at > 10 * backoff:
                     backoff = 0.1
                 logger.warning("listening for lane wake-ups failed (consumers poll meanwhile), retrying in %.1fs: %s",
@@ -156,3 +160,8 @@ class Waker:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 pubsub.close()
+
+    @staticmethod
+    def _refused(e: Exception) -> None:
+        logger.warning("the task broker's Redis user may not subscribe to %s, so idle lane consumers "
+                       "poll instead of being woken (grant &%s to that user): %s", WAKE_PATTERN, WAKE_PATTERN, e)
