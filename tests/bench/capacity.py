@@ -14,7 +14,9 @@ command (``INFO cpu``). The worker processes' tally writes (counted by the worke
 left out of the broker's ``hset`` calls.
 
 Baseline, first and alternating: stock dramatiq draining as many no-op messages sent while its
-workers were stopped (P4's way), on the broker's Redis, from the first send to the last handler end.
+workers were stopped (P4's way), on the broker's Redis: records/s from the first handler start to the
+last handler end, CPU from the first send, Redis figures over the whole run (the workers' start, the
+sends and the drain).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ _PROBE = {"ledger": ("info",), "lanes": ("info", "hgetall")}
 def c1(bench: Bench) -> None:
     p = bench.p
     n = p.c1_records
-    stock = bench.measurement("c1-stock", f"stock dramatiq, {n:,} no-op messages: records/s, first send -> last "
-                              "handler end", "records/s")
+    stock = bench.measurement("c1-stock", f"stock dramatiq, {n:,} no-op messages sent while its workers were "
+                              "stopped: records/s, first handler start -> last handler end", "records/s")
     cases = [(sleep, ordering) for sleep in p.c1_sleeps_ms for ordering in p.c1_orderings]
     rates = {
         case: bench.measurement(_name(*case), f"bridge, {case[1]} mode, {case[0]:g} ms handler, {n:,}-record backlog: "
