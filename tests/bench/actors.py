@@ -1,6 +1,8 @@
 """Actors of the benchmark, configured through the environment (read at import in every process).
 
-  BRIDGE_REDIS_URL    the dramatiq broker (and the bridge's ledger); required
+  BRIDGE_REDIS_URL    the bridge's ledger, and the dramatiq broker unless KDB_BENCH_BROKER_URL is set; required
+  KDB_BENCH_BROKER_URL  the dramatiq broker's Redis, when it is not the ledger's (C1 keeps them apart to
+                      count each one's commands); the tally is written there too
   KDB_BENCH_TOPIC     topic of the Kafka handler; unset: no handler is registered (stock baseline,
                       naive loop), so those processes run plain dramatiq without the bridge
   KDB_BENCH_ORDERING  partition | key | none (default none)
@@ -18,6 +20,7 @@
 Completion is counted in memory per worker process (count, first handler start, last handler end)
 and written to the Redis hash ``bench:tally`` by a background thread every 20 ms, so the no-op
 path of the throughput scenarios costs a lock and three assignments instead of a Redis round trip.
+Each value also counts the writes made so far, so that C1 can leave them out of Redis's figures.
 The per-record events, when asked for, ride on the same thread.
 
 ``plain_timed(sent_ms, key)`` is the stock baseline of the latency scenarios: it appends
@@ -43,7 +46,7 @@ TALLY_KEY = "bench:tally"
 #: Queue of the plain actor used by the stock baseline and the naive loop.
 PLAIN_QUEUE = "bench"
 
-URL = os.environ["BRIDGE_REDIS_URL"]
+URL = os.environ.get("KDB_BENCH_BROKER_URL") or os.environ["BRIDGE_REDIS_URL"]
 broker: dramatiq.Broker
 if os.environ.get("KDB_BENCH_RABBITMQ_URL"):
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -91,7 +94,7 @@ class _Tally:
 
     def _flush_loop(self) -> None:
         field = str(os.getpid())
-        written = -1
+        written, writes = -1, 0
         while True:
             time.sleep(0.02)
             with self._lock:
@@ -104,7 +107,8 @@ class _Tally:
                 if events:
                     _redis.rpush(EVENTS, *events)
                     events = []
-                _redis.hset(TALLY_KEY, field, f"{count} {first * 1000:.3f} {last * 1000:.3f}")
+                writes += 1
+                _redis.hset(TALLY_KEY, field, f"{count} {first * 1000:.3f} {last * 1000:.3f} {writes}")
                 written = count
             except redis.RedisError:
                 with self._lock:  # the next round writes the newer value, and these events first

@@ -47,7 +47,7 @@ def p4(bench: Bench) -> None:
         for c in _COMPONENTS
     }
     for i in range(p.repeat):
-        result = bench.attempt(f"P4 stock {i + 1}/{p.repeat}", lambda run: _stock_backlog_once(bench, run))
+        result = bench.attempt(f"P4 stock {i + 1}/{p.repeat}", lambda run: stock_backlog_once(bench, run))
         if result is not None:
             for c in _COMPONENTS:
                 add_to(stock[c], {**result, "cpu": result["cpu_ms_per_record"][c]}, "cpu")
@@ -58,8 +58,8 @@ def p4(bench: Bench) -> None:
                 add_to(subject[c], {**result, "cpu": result["cpu_ms_per_record_from_first_dispatch"][c]}, "cpu")
 
 
-def _stock_backlog_once(bench: Bench, run: Run) -> dict[str, Any]:
-    n = bench.p.p4_records
+def stock_backlog_once(bench: Bench, run: Run, records: int | None = None) -> dict[str, Any]:
+    n = records or bench.p.p4_records
     actor = bench.plain_actor()
     with bench.workers(run, bench.env(unique("p4-stock"))) as workers:
         time.sleep(1)  # the workers' consumers are up

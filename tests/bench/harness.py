@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bridge.keys import LANES_KEY
 from devstack import DramatiqWorkers, ServiceError
@@ -61,11 +61,13 @@ class Run:
 
 @dataclass(frozen=True)
 class Tally:
-    """What the handlers of one run reported: how many ran, first start, last end (epoch seconds)."""
+    """What the handlers of one run reported: how many ran, first start, last end (epoch seconds), and
+    how many times the worker processes wrote the tally to Redis."""
 
     count: int
     first_start: float | None
     last_end: float | None
+    writes: int = 0
 
 
 def key_id(i: int, keys: int) -> int:
@@ -89,6 +91,9 @@ class Bench:
         self.notes: list[str] = []
         self._actors: Any = None
         self._lanes_script: Any = None
+        #: Whether the runs keep the ledger on a Redis of its own (:attr:`Services.ledger`), apart from
+        #: the task broker's (C1).
+        self.ledger_apart = False
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -155,13 +160,14 @@ class Bench:
 
     def tally(self) -> Tally:
         raw = self.services.redis.hgetall(TALLY_KEY)
-        count, firsts, lasts = 0, [], []
+        count, writes, firsts, lasts = 0, 0, [], []
         for value in raw.values():
-            n, first, last = value.split()
+            n, first, last, written = value.split()
             count += int(n)
+            writes += int(written)
             firsts.append(float(first) / 1000)
             lasts.append(float(last) / 1000)
-        return Tally(count, min(firsts) if firsts else None, max(lasts) if lasts else None)
+        return Tally(count, min(firsts) if firsts else None, max(lasts) if lasts else None, writes)
 
     def settled_tally(self, expected: int, timeout: float = 3.0) -> Tally:
         """The tally once it counts ``expected`` handler runs (workers flush every 20 ms)."""
@@ -202,6 +208,11 @@ class Bench:
 
     def dispatched(self, topic: str) -> int:
         """Messages waiting on the lanes the bridges registered for ``topic``, whatever their layout."""
+        if self.ledger_apart:
+            # The lanes are registered in the ledger, the queues are on the broker's Redis.
+            registered = cast(dict[str, str], self.services.ledger.hgetall(LANES_KEY))
+            lanes = [lane for lane, t in registered.items() if t == topic]
+            return self.queued([f"dramatiq:{lane}" for lane in lanes]) if lanes else 0
         if self._lanes_script is None:
             self._lanes_script = self.services.redis.register_script(_LANES_LENGTH)
         return int(self._lanes_script(keys=[LANES_KEY], args=[topic, "dramatiq:"]))
@@ -213,7 +224,9 @@ _SHOWN = {"rate", "rate_incl_startup", "p50_ms", "p99_ms", "peak_rss_mb", "commi
           "capped_after_s", "cpu_ms_per_record", "max_ms", "workers_cpu_percent", "redis_cpu_percent",
           "bridge_cpu_percent", "redis_commands_per_s", "connection_errors", "consumer_restarts",
           "bridge_redis_calls_per_s", "catch_up_s", "cpu_ms_per_record_from_first_dispatch",
-          "worker_cpu_ms_per_record"}
+          "worker_cpu_ms_per_record", "redis_command_usec_per_s", "redis_main_thread_cpu_percent",
+          "ledger_calls_per_record", "lanes_calls_per_record", "ledger_main_cpu_us_per_record",
+          "lanes_main_cpu_us_per_record"}
 
 
 def exit_code(bridge: BridgeProcess) -> int | None:

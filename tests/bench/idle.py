@@ -209,6 +209,8 @@ def _window(bench: Bench, run: Run, worker_log: Path, check: Any) -> dict[str, A
         "kafka_cpu_percent": percent["kafka"],
         "bench_cpu_percent": percent["bench"],
         "redis_commands_per_s": stats["commands_per_s"],
+        "redis_command_usec_per_s": stats["command_usec_per_s"],
+        "redis_main_thread_cpu_percent": stats["main_thread_cpu_percent"],
         "top_commands_per_s": stats["top_commands_per_s"],
         "connection_errors_in_window": errors,
         "consumer_restarts_in_window": restarts,

@@ -72,6 +72,10 @@ class Params:
     b1_batch_size: int = 100
     b1_batch_timeout_s: float = 1.0
     b1_ordering: str = "none"
+    #: C1: the sizing figures; a backlog per handler sleep and order, ledger and lanes on two Redis.
+    c1_records: int = 6_000
+    c1_sleeps_ms: tuple[float, ...] = (0.0, 5.0)
+    c1_orderings: tuple[str, ...] = ("none", "partition")
 
     @classmethod
     def create(cls, quick: bool, repeat: int | None, overrides: dict[str, str] | None = None) -> Params:
@@ -101,6 +105,7 @@ class Params:
             p4_records=5_000,
             p7_records=2_000,
             b1_records=6_000,
+            c1_records=2_000,
         )
 
     def replace(self, overrides: dict[str, str]) -> Params:

@@ -32,6 +32,7 @@ def pipeline_once(
     extra_env: dict[str, str] | None = None,
     partitions: int = PARTITIONS,
     events: bool = False,
+    marks: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Backlog of ``n`` records, workers running, then the bridge started; until committed == end.
 
@@ -39,6 +40,8 @@ def pipeline_once(
     partition k % ``partitions``. ``cap_s`` stops the run that many seconds after the first
     dispatch. With ``events`` every handler run is recorded and checked: each record ran exactly
     once, and in ``partition`` mode each partition's runs neither overlap nor leave offset order.
+    ``marks`` is called with ``"first"`` at the first dispatch and ``"done"`` at committed == end, where
+    the CPU figures are read too.
     """
     topic = bench.topic(run, prefix, partitions)
     group = unique(prefix)
@@ -69,6 +72,8 @@ def pipeline_once(
 
                 def first_dispatch() -> None:
                     at_first.update(by_component())
+                    if marks is not None:
+                        marks("first")
 
                 t_first, t_done, done = _drain(
                     bench, run, n, ends, committed, topic, bridge, workers, t0, cap_s=cap_s,
@@ -76,6 +81,8 @@ def pipeline_once(
                 )
                 peak = vm_status(pid).get("VmHWM", 0)
                 cpu_after = by_component()
+                if marks is not None and t_done is not None:
+                    marks("done")
                 cpu = cpu_ms_per_record(cpu_before, cpu_after, done)
                 cpu_steady = cpu_ms_per_record(at_first or cpu_before, cpu_after, done)
                 t_stop = time.time()
@@ -175,7 +182,8 @@ def _drain(
     """Wait for committed == end; returns (first dispatch, committed == end or None if capped, committed).
 
     The first dispatch is the first look that finds a message on one of the topic's lanes
-    (every 10 ms), or else the first handler start; ``on_first`` is called right then.
+    (every 10 ms), or else the first handler start once the tally shows it (the workers write it
+    every 20 ms); ``on_first`` is called right then.
     """
     t_first: float | None = None
     timeout = 60 + n / 250 + len(ends) * 0.3
@@ -186,9 +194,14 @@ def _drain(
     done = 0
     while True:
         now = time.time()
-        if t_first is None and bench.dispatched(topic):
-            t_first = now
-            if on_first is not None:
+        if t_first is None:
+            if bench.dispatched(topic):
+                t_first = now
+            elif (started := bench.tally().first_start) is not None:
+                # The workers took every message between two looks (an ordered lane hands most
+                # records over in the ledger, and wake-ups start the first ones at once).
+                t_first = started
+            if t_first is not None and on_first is not None:
                 on_first()
         if now >= next_commit:
             offsets = committed.read()

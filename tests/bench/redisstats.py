@@ -8,6 +8,7 @@ the idle scenario samples it only after its CPU window.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections import Counter
@@ -24,6 +25,10 @@ class RedisReading:
     at: float
     cpu_s: float
     calls: dict[str, int]
+    #: Microseconds spent executing each command so far (a script's call includes its commands').
+    usec: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: CPU seconds of the main thread, the one that runs every command (what saturates first).
+    main_cpu_s: float = 0.0
 
 
 def reading(client: redis.Redis) -> RedisReading:
@@ -31,7 +36,9 @@ def reading(client: redis.Redis) -> RedisReading:
     cpu = client.info("cpu")
     stats = client.info("commandstats")
     calls = {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
-    return RedisReading(time.time(), float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), calls)
+    usec = {name.removeprefix("cmdstat_"): int(entry["usec"]) for name, entry in stats.items()}
+    main = float(cpu.get("used_cpu_sys_main_thread", 0.0)) + float(cpu.get("used_cpu_user_main_thread", 0.0))
+    return RedisReading(time.time(), float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), calls, usec, main)
 
 
 def between(before: RedisReading, after: RedisReading, *, ignore: tuple[str, ...] = ("info",)) -> dict[str, Any]:
@@ -46,7 +53,11 @@ def between(before: RedisReading, after: RedisReading, *, ignore: tuple[str, ...
     return {
         "seconds": round(seconds, 2),
         "cpu_percent": round((after.cpu_s - before.cpu_s) / seconds * 100, 3),
+        "main_thread_cpu_percent": round((after.main_cpu_s - before.main_cpu_s) / seconds * 100, 3),
         "commands_per_s": round(sum(rates.values()), 1),
+        "command_usec_per_s": round(sum(
+            usec - before.usec.get(name, 0) for name, usec in after.usec.items() if name not in ignore
+        ) / seconds, 1),
         "top_commands_per_s": {name: round(rate, 1) for name, rate in top[:12]},
     }
 

@@ -59,6 +59,10 @@ class Services:
         self.tmp = Path(tempfile.mkdtemp(prefix="kdb-bench-"))
         self.kafka = KafkaServer(self.tmp / "kafka")
         self.redis_server = RedisServer(self.tmp / "redis")
+        #: A second redis-server for scenarios that keep the ledger apart from the task broker;
+        #: started on first use.
+        self.ledger_server = RedisServer(self.tmp / "redis-ledger")
+        self._ledger: redis.Redis | None = None
         self.rabbitmq_server = RabbitServer(self.tmp / "rabbitmq")
         self._admin: AdminClient | None = None
         self._redis: redis.Redis | None = None
@@ -83,8 +87,9 @@ class Services:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._redis is not None:
-            self._redis.close()
+        for client in (self._redis, self._ledger):
+            if client is not None:
+                client.close()
         # Dropping the admin client closes it; alive, it would log every reconnect while Kafka stops.
         self._admin = None
         self._stack.close()
@@ -137,6 +142,22 @@ class Services:
     @property
     def redis_url(self) -> str:
         return self.redis_server.url
+
+    @property
+    def ledger_url(self) -> str:
+        """A redis-server of its own for the ledger, started on first use."""
+        if not self.ledger_server.running:
+            self._log(f"starting a second redis-server for the ledger in {self.ledger_server.data_dir}")
+            self.ledger_server.start()
+            self._stack.callback(self.ledger_server.stop)
+        return self.ledger_server.url
+
+    @property
+    def ledger(self) -> redis.Redis:
+        """A client of :attr:`ledger_url`."""
+        if self._ledger is None:
+            self._ledger = redis.Redis.from_url(self.ledger_url, decode_responses=True)
+        return self._ledger
 
     @property
     def admin(self) -> AdminClient:
@@ -201,6 +222,8 @@ class Services:
                 with contextlib.suppress(KafkaException):
                     future.result(30)  # a dead-letter topic that was never created
         self.redis.flushall()
+        if self._ledger is not None:
+            self._ledger.flushall()
 
     def produce(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from tests.bench import backlogs, batches, cost, idle, latency, paced
+from tests.bench import backlogs, batches, capacity, cost, idle, latency, paced
 from tests.bench.harness import Bench
 from tests.bench.results import Target, bound_row, ratio_row
 
@@ -25,6 +25,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "p4": cost.p4,
     "p7": cost.p7,
     "b1": batches.b1,
+    "c1": capacity.c1,
 }
 SCENARIOS = tuple(RUNNERS)
 
@@ -37,6 +38,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "p5": ("t2",),
     "p6": ("t3", "rabbitmq"),
     "batches": ("b1",),
+    "sizing": ("c1",),
 }
 
 
@@ -49,7 +51,7 @@ def run(bench: Bench, names: list[str]) -> None:
 def targets(bench: Bench) -> list[Target]:
     """Every target row the measurements of this invocation allow."""
     return [*_t_rows(bench), *_p5_p6(bench), *idle.targets(bench), *latency.targets(bench), *cost.targets(bench),
-            *batches.targets(bench)]
+            *batches.targets(bench), *capacity.targets(bench)]
 
 
 def _t_rows(bench: Bench) -> list[Target]:

@@ -23,12 +23,15 @@ SMOKE = {
     "p4_records": "2000",
     "p7_partitions": "64", "p7_records": "1000",
     "b1_records": "1200",
+    "c1_records": "600", "c1_sleeps_ms": "0",
 }
 P_TARGETS = {"P1-workers", "P1-redis", "P1-bridge", "P1-redis-commands", "P1-bridge-redis-calls",
              "P2-partition-p50", "P2-partition-max", "P3-200-partition-p50", "P3-200-partition-p99",
              "P4-workers", "P4-redis", "P4-bridge", "P5", "P5-handlers", "P6", "P6-rabbitmq", "P7"}
 B_TARGETS = {"B1", "B1-per-record", "B1-batch-vs-per-record", "B1-worker-cpu", "B1-per-record-worker-cpu",
              "B1-batch-to-commit"}
+C_TARGETS = {"C1-stock", "C1-none-0ms", "C1-partition-0ms", *(f"C1-{o}-0ms-{what}" for o in ("none", "partition")
+             for what in ("bridge-cpu", "worker-cpu", "ledger-calls", "ledger-cpu-us", "lanes-calls", "lanes-cpu-us"))}
 #: Counts that are 0 when all is well, and a time that may be about 0.
 P_COUNTS = {"P1-connection-errors", "P1-consumer-restarts"}
 P_TIMES = {"P6-rabbitmq-keeps-up"}
@@ -52,9 +55,10 @@ def test_the_quick_benchmark_completes_every_scenario_and_reports_every_target(t
     assert result["failures"] == [], "every run processed and committed exactly the records produced"
     assert result["parameters"]["p1_partitions"] == 64 and result["parameters"]["p2_orderings"] == ["partition"]
     rows = {row["id"]: row for row in result["targets"]}
-    assert set(rows) >= TARGETS | P_TARGETS | P_COUNTS | P_TIMES | B_TARGETS
+    assert set(rows) >= TARGETS | P_TARGETS | P_COUNTS | P_TIMES | B_TARGETS | C_TARGETS
     assert all(isinstance(rows[t]["value"], (int, float)) and rows[t]["value"] > 0 for t in TARGETS - {"T7"})
-    assert all(isinstance(rows[t]["value"], (int, float)) and rows[t]["value"] > 0 for t in P_TARGETS | B_TARGETS)
+    assert all(isinstance(rows[t]["value"], (int, float)) and rows[t]["value"] > 0
+               for t in P_TARGETS | B_TARGETS | C_TARGETS)
     assert all(isinstance(rows[t]["value"], (int, float)) and rows[t]["value"] >= 0 for t in P_COUNTS)
     assert all(isinstance(rows[t]["value"], (int, float)) for t in P_TIMES)
     assert rows["T1"]["baseline"] > 0 and rows["T2"]["baseline"] > 0, "the baselines ran in the same invocation"
