@@ -39,7 +39,33 @@ P_TIMES = {"P6-rabbitmq-keeps-up"}
 
 pytestmark = pytest.mark.integration
 
+#: The default run's share: the scenarios of the newest work at their smallest, each beside its
+#: baseline; every scenario runs in the slow tier (about ten minutes on two cores).
+DEFAULT_RUN = "p1,p7,b1,c1"
+DEFAULT_SIZES = {**SMOKE, "p1_partitions": "16", "p7_partitions": "16", "p7_records": "480"}
 
+
+@pytest.mark.timeout(420)
+def test_the_scenarios_of_the_default_run_complete_beside_their_baselines(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    overrides = [arg for name, value in DEFAULT_SIZES.items() for arg in ("--set", f"{name}={value}")]
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench", "--quick", "--only", DEFAULT_RUN, "--json", str(out), *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["failures"] == [], "every run processed and committed exactly the records produced"
+    rows = {row["id"]: row for row in result["targets"]}
+    wanted = {"P1-workers", "P1-redis", "P7", *B_TARGETS, *C_TARGETS}
+    assert set(rows) >= wanted
+    assert all(isinstance(rows[t]["value"], (int, float)) and rows[t]["value"] > 0 for t in wanted - {"P1-workers"})
+    for row in ("P7", "B1"):
+        assert rows[row]["baseline"] > 0, f"{row}: its baseline ran in the same invocation"
+    assert all(row in run.stdout for row in ("P1", "P7", "B1", "C1")), "the table is printed"
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(780)
 def test_the_quick_benchmark_completes_every_scenario_and_reports_every_target(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
