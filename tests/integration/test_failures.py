@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -117,11 +118,12 @@ def test_a_purged_lane_is_dispatched_again_and_processed(
         broker.flush(queue)
     pipeline.start_workers(processes=1, threads=4)
     report = run_to_end(pipeline, redis_client, "partition")
-    # The three heads were lost together: one round trip and one summary line bring them back.
+    # Each lost head comes back once. Heads dispatched in different loop rounds reach the timeout
+    # in different checks, so they may come back in more than one summary line.
     summaries = [line for line in bridge.log.splitlines() if "again after no sign of life" in line]
-    assert len(summaries) == 1, summaries
-    assert "dispatching 3 record(s) again" in summaries[0]
-    assert all(f"{topic}[{p}]@0" in summaries[0] for p in range(3))
+    counts = [int(re.search(r"dispatching (\d+) record\(s\) again", line)[1]) for line in summaries]  # type: ignore[index]
+    assert sum(counts) == 3 and len(summaries) <= 3, summaries
+    assert all(sum(f"{topic}[{p}]@0" in line for line in summaries) == 1 for p in range(3)), summaries
     assert report.duplicates == 0
     assert report.order_violations == []
     assert_complete(report, pipeline.ends())
