@@ -25,7 +25,8 @@ from tests.support.pipeline import Pipeline
 from tests.support.services import RedisEndpoint
 from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
+# Three Kafka brokers or six redis-servers each: with -m reliability, not in every CI run.
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_a_redis_cluster_failover_of_a_busy_partitions_primary_loses_nothing_keeps_order_and_shows_the_outage(
