@@ -40,8 +40,9 @@ RELIABILITY_SEED=1234 .venv/bin/python -m pytest -m reliability -k storm   # rep
 
 The fast subset (baseline, SIGKILL loop, crash points, worker kill, worker kill mid-batch,
 bridge and workers killed together, ledger wiped mid-run, negative control) runs in `.ci/run`;
-the failovers of a Redis Cluster and of a replicated Kafka run with `-m reliability`. Every scenario prints its seed; a run
-whose verdict is not the expected one keeps its histories under `.cache/reliability/failed/`.
+the failovers of a Redis Cluster and of a replicated Kafka run with `-m reliability`. Every
+scenario prints its seed; a run whose verdict is not the expected one keeps its histories under
+`.cache/reliability/failed/`.
 
 """
 
