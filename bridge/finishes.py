@@ -65,9 +65,10 @@ class Announcements:
     def _listen(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+            pubsub = None
             began = time.monotonic()
             try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=False)
                 pubsub.psubscribe(FINISHED_PATTERN)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
@@ -95,4 +96,5 @@ class Announcements:
             finally:
                 with self._lock:
                     self._listening = False
-                pubsub.close()
+                if pubsub is not None:
+                    pubsub.close()
