@@ -38,6 +38,13 @@ def fleet(request: pytest.FixtureRequest) -> dict[str, str]:
     return {}
 
 
+#: For scenarios whose RabbitMQ run repeats what the partition-mode run covers: the RabbitMQ
+#: variant goes to the slow tier (python -m pytest -m slow), to keep the default run in budget.
+RABBITMQ_SLOW = pytest.mark.parametrize(
+    "fleet", ["redis", pytest.param("rabbitmq", marks=pytest.mark.slow)], indirect=True
+)
+
+
 def records_for(fleet: dict[str, str]) -> int:
     """Records of the long runs: fewer on RabbitMQ, where ordered records take the slower
     parking path (see docs/performance.md), to keep the suite's time in budget."""
@@ -101,6 +108,7 @@ def assert_complete(report: Any, ends: dict[tuple[str, int], int]) -> None:
         assert not missing, f"{t}[{p}] never processed {sorted(missing)[:10]}"
 
 
+@RABBITMQ_SLOW
 def test_key_mode_keeps_order_and_exclusivity_per_key(
     pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
     fleet: dict[str, str],
@@ -117,6 +125,7 @@ def test_key_mode_keeps_order_and_exclusivity_per_key(
     assert_complete(report, pipeline.ends())
 
 
+@RABBITMQ_SLOW
 def test_none_mode_processes_everything_and_commits_to_the_end(
     pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
     fleet: dict[str, str],
@@ -193,6 +202,7 @@ def test_a_second_bridge_joining_and_leaving_moves_partitions_without_loss_or_du
     assert_complete(report, pipeline.ends())
 
 
+@RABBITMQ_SLOW
 def test_a_failing_record_is_retried_then_advances_and_later_records_wait_for_it(
     pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
     fleet: dict[str, str],
