@@ -150,7 +150,9 @@ class Waker:
             except redis.RedisError as e:
                 if isinstance(e, redis.exceptions.NoPermissionError):
                     # An ACL without the channel: nothing to retry. Consumers poll as stock dramatiq does.
-                    self._refused(e)
+                    logger.warning("the task broker's Redis user may not subscribe to %s, so idle lane consumers "
+                                   "poll instead of being woken (grant &%s to that user): %s",
+                                   WAKE_PATTERN, WAKE_PATTERN, e)
                     return
                 if time.monotonic() - subscribed_at > 10 * backoff:
                     backoff = 0.1
@@ -160,8 +162,3 @@ class Waker:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 pubsub.close()
-
-    @staticmethod
-    def _refused(e: Exception) -> None:
-        logger.warning("the task broker's Redis user may not subscribe to %s, so idle lane consumers "
-                       "poll instead of being woken (grant &%s to that user): %s", WAKE_PATTERN, WAKE_PATTERN, e)

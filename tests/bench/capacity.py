@@ -29,7 +29,7 @@ from tests.bench.cost import stock_backlog_once
 from tests.bench.harness import Bench, Run, add_to
 from tests.bench.pipeline import pipeline_once
 from tests.bench.redisstats import RedisReading
-from tests.bench.results import Target, bound_row
+from tests.bench.results import Measurement, Target, bound_row
 from tests.bench.services import RunFailed
 
 #: Commands that run a script: their ``usec`` includes the commands the script runs.
@@ -84,11 +84,14 @@ def _bridge_once(bench: Bench, run: Run, *, ordering: str, sleep_ms: float) -> d
     marks: dict[str, tuple[RedisReading, RedisReading, int]] = {}
 
     def mark(what: str) -> None:
-        writes = bench.tally().writes if what == "first" else 0
-        readings = (redisstats.reading(ledger), redisstats.reading(lanes))
-        if what == "done":
+        # The tally's writes are counted just outside the window of the Redis readings, so that every
+        # write inside it is left out of the broker's hset calls.
+        if what == "first":
             writes = bench.tally().writes
-        marks[what] = (*readings, writes)
+            marks[what] = (redisstats.reading(ledger), redisstats.reading(lanes), writes)
+        else:
+            readings = (redisstats.reading(ledger), redisstats.reading(lanes))
+            marks[what] = (*readings, bench.tally().writes)
 
     extra = {"BRIDGE_REDIS_URL": bench.services.ledger_url, "KDB_BENCH_BROKER_URL": bench.services.redis_url}
     result = pipeline_once(bench, run, "c1", bench.p.c1_records, ordering=ordering, sleep_ms=sleep_ms,
@@ -131,12 +134,18 @@ def _each(counts: dict[str, int], n: int, digits: int) -> dict[str, float]:
     return {k: round(v / n, digits) for k, v in sorted(counts.items(), key=lambda item: -item[1])}
 
 
-def _side_row(bench: Bench, row: str, case: tuple[float, str], short: str, key: str, what: str, unit: str) -> Target:
-    source = bench.measurements[_name(*case)]
-    m = bench.measurement(f"{_name(*case)}-{short}", f"{source.what.split(':')[0]}: {what}", unit)
+def _from_runs(bench: Bench, name: str, what: str, unit: str, source: Measurement, key: str) -> Measurement:
+    """A measurement of one more figure of ``source``'s runs (filled once)."""
+    m = bench.measurement(name, what, unit)
     if not m.values:
         for run in source.runs:
             add_to(m, run, key)
+    return m
+
+
+def _side_row(bench: Bench, row: str, case: tuple[float, str], short: str, key: str, what: str, unit: str) -> Target:
+    source = bench.measurements[_name(*case)]
+    m = _from_runs(bench, f"{_name(*case)}-{short}", f"{source.what.split(':')[0]}: {what}", unit, source, key)
     return bound_row(row, m.what, m)
 
 
@@ -147,10 +156,7 @@ def targets(bench: Bench) -> list[Target]:
     if "c1-stock" in m:
         rows.append(bound_row("C1-stock", m["c1-stock"].what, m["c1-stock"]))
         for short, key, what, unit in _STOCK_ROWS:
-            sub = bench.measurement(f"c1-stock-{short}", f"stock dramatiq: {what}", unit)
-            if not sub.values:
-                for run in m["c1-stock"].runs:
-                    add_to(sub, run, key)
+            sub = _from_runs(bench, f"c1-stock-{short}", f"stock dramatiq: {what}", unit, m["c1-stock"], key)
             rows.append(bound_row(f"C1-stock-{short}", sub.what, sub))
     for sleep in p.c1_sleeps_ms:
         for ordering in p.c1_orderings:

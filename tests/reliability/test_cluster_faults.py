@@ -142,7 +142,6 @@ def assert_dead_letters_survived(s: Scenario, cluster: KafkaCluster) -> None:
     assert len(offsets) == 30, "acks=all and idempotence: no dead letter written twice"
 
 
-# The SIGKILL runs in the fast subset; the clean stop, as long again, with the whole suite.
 @pytest.mark.parametrize("how", ["sigkill", "clean stop"])
 def test_a_kafka_partition_leader_lost_mid_run_loses_nothing_keeps_order_and_its_dead_letters_survive(
     pipeline_factory: Callable[..., Pipeline], redis_client: redis.Redis, kafka_cluster: KafkaCluster, how: str,
