@@ -99,6 +99,23 @@ def parse_cluster_nodes(text: str) -> list[NodeView]:
     return views
 
 
+def follower_problems(seen_by: dict[int, list[NodeView]], replica: int, primary: int) -> list[str]:
+    """Where a node's view disagrees that the node on port ``replica`` follows the one on ``primary``.
+
+    ``seen_by`` maps each viewer's port to its ``CLUSTER NODES``. Gossip, not the replication
+    link, spreads who follows whom: a replica can be synced with its primary while another
+    node still sees it as a primary without slots, and a failover asked of it then finds none.
+    """
+    problems: list[str] = []
+    for viewer, views in sorted(seen_by.items()):
+        port_of = {view.id: view.port for view in views}
+        followed = [port_of.get(view.primary_id or "") for view in views if view.port == replica]
+        if followed != [primary]:
+            shown = "a primary" if followed == [None] else ", ".join(map(str, followed)) or "nothing"
+            problems.append(f"replica {HOST}:{replica} follows {primary}; {HOST}:{viewer} sees it follow {shown}")
+    return problems
+
+
 def parse_info(text: str) -> dict[str, str]:
     """``key:value`` lines of an ``INFO`` or ``CLUSTER INFO`` reply."""
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
@@ -421,6 +438,7 @@ class RedisCluster:
             ids = {node.node_id(): node for node in running}
             ports = {node.port for node in running}
             owners: dict[str, list[tuple[int, int]]] = {}
+            seen_by: dict[int, list[NodeView]] = {}
             for node in running:
                 info = node.cluster_info()
                 if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != str(SLOTS):
@@ -437,6 +455,7 @@ class RedisCluster:
                 if down:
                     problems.append(f"{node.address} sees slots served by {down}, which are down")
                 owners.setdefault(repr(layout), []).append((node.port, len(views)))
+                seen_by[node.port] = views
             if len(owners) > 1:
                 problems.append(f"nodes disagree on the slot owners: {sorted(owners.values())}")
             for node in running:
@@ -450,6 +469,7 @@ class RedisCluster:
                     )
                     continue
                 primary_port = int(replication.get("master_port", "0"))
+                problems.extend(follower_problems(seen_by, node.port, primary_port))
                 primary = next((n for n in running if n.port == primary_port), None)
                 if primary is None:
                     problems.append(f"replica {node.address} follows {primary_port}, which is not running")

@@ -23,7 +23,14 @@ from devstack.kafka_config import (
     kafka_release,
 )
 from devstack.process import ServiceError
-from devstack.redis_cluster import SLOTS, NodeView, parse_cluster_nodes, parse_info, slot_ranges
+from devstack.redis_cluster import (
+    SLOTS,
+    NodeView,
+    follower_problems,
+    parse_cluster_nodes,
+    parse_info,
+    slot_ranges,
+)
 
 LOGS = Path("/data/kraft-logs")
 
@@ -169,6 +176,26 @@ def test_cluster_nodes_lines_give_roles_primaries_failures_and_slots() -> None:
     assert views[30003].slots == ((10923, 16383),)  # the slot being migrated is still served here
     assert views[30005].failing and not views[30002].failing
     assert views[30002].owns(5461) and not views[30002].owns(5460)
+
+
+def test_a_replica_is_healthy_only_once_every_view_has_it_follow_its_primary() -> None:
+    # 30004 replicates 30001 and is synced, but 30002 has not heard so yet: to it, 30004 is
+    # still the empty primary it was when the nodes met. 30003 has not met it at all.
+    behind = NODES.replace("id4 127.0.0.1:30004@31004,host-4 slave id1", "id4 127.0.0.1:30004@31004 master -")
+    unmet = "\n".join(line for line in NODES.splitlines() if not line.startswith("id4"))
+    seen_by = {
+        30001: parse_cluster_nodes(NODES),
+        30002: parse_cluster_nodes(behind),
+        30003: parse_cluster_nodes(unmet),
+    }
+    assert follower_problems(seen_by, 30004, 30001) == [
+        "replica 127.0.0.1:30004 follows 30001; 127.0.0.1:30002 sees it follow a primary",
+        "replica 127.0.0.1:30004 follows 30001; 127.0.0.1:30003 sees it follow nothing",
+    ]
+    assert follower_problems({30001: seen_by[30001]}, 30004, 30001) == []
+    assert follower_problems({30001: seen_by[30001]}, 30004, 30002) == [
+        "replica 127.0.0.1:30004 follows 30002; 127.0.0.1:30001 sees it follow 30001",
+    ]
 
 
 def test_a_line_that_is_not_a_cluster_nodes_line_is_refused() -> None:
