@@ -142,12 +142,16 @@ class Meta:
         batch = raw.get("b") or ()
         if not isinstance(batch, list | tuple):
             raise ProtocolError(f"malformed {OPTION} option {dict(raw)!r}: b is not a list")
+        listed = raw.get("ps")
         try:
-            parts = tuple(
-                Part(int(p), int(e), int(a), tuple(int(o) for o in offsets)) for p, e, a, offsets in raw.get("ps") or ()
-            )
-            if any(not part.batch for part in parts):
-                raise ValueError("a part lists no offset")
+            parts: tuple[Part, ...] = ()
+            if listed or batch:  # most messages carry one record: no lists to read
+                parts = tuple(
+                    Part(int(p), int(e), int(a), tuple(int(o) for o in offsets)) for p, e, a, offsets in listed or ()
+                )
+                if any(not part.batch for part in parts):
+                    raise ValueError("a part lists no offset")
+                batch = tuple(int(o) for o in batch)
             return cls(
                 group=str(raw["g"]),
                 topic=str(raw["t"]),
@@ -159,7 +163,7 @@ class Meta:
                 # Version 1 marked a recorded start with ``"s": 1``, which names no registration.
                 token=token if isinstance(token, str) else None,
                 version=version,
-                batch=tuple(int(o) for o in batch),
+                batch=tuple(batch),
                 parts=parts,
             )
         except (KeyError, TypeError, ValueError) as e:

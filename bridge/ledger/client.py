@@ -40,7 +40,7 @@ class Ledger:
         self._expired_lanes = client.register_script(script("lanes_expired", common=False))
 
     def _run(self, name: str, keys: PartitionKeys, args: Sequence[Any]) -> Any:
-        return self._scripts[name](keys=keys.script_keys, args=list(args))
+        return self._scripts[name](keys=keys.encoded_script_keys, args=list(args))
 
     def _batch(self, calls: Sequence[tuple[str, PartitionKeys, Sequence[Any]]]) -> list[Any]:
         """Run scripts in one pipeline. EVALSHA straight away: redis-py would first ask SCRIPT
@@ -49,7 +49,7 @@ class Ledger:
         for attempt in (1, 2):
             with self.client.pipeline(transaction=False) as pipe:
                 for name, keys, args in calls:
-                    key_names = keys.script_keys
+                    key_names = keys.encoded_script_keys
                     pipe.evalsha(self._scripts[name].sha, len(key_names), *key_names, *args)
                 try:
                     return list(pipe.execute())

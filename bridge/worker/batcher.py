@@ -37,13 +37,18 @@ _LINGER = 0.02
 class _Start:
     __slots__ = ("answer", "copy", "error", "keys", "lead", "ready", "worker")
 
-    def __init__(self, keys: PartitionKeys, copy: Try, worker: str) -> None:
+    def __init__(self, keys: PartitionKeys, copy: Try, worker: str, ready: threading.Event | None) -> None:
         self.keys, self.copy, self.worker = keys, copy, worker
         self.answer: tuple[StartResult, int] | None = None
         self.error: LedgerUnavailable | LedgerAccessDenied | None = None
         #: Woken to write the next batch rather than with an answer.
         self.lead = False
-        self.ready = threading.Event()
+        #: Set when answered or asked to lead; None for the writer's own start, which never waits.
+        self.ready = ready
+
+    def settle(self) -> None:
+        if self.ready is not None:
+            self.ready.set()
 
 
 class Batcher:
@@ -60,7 +65,12 @@ class Batcher:
         self._writing = False
         self._stopping = False
         self._flusher: threading.Thread | None = None
+        # The flusher waits for a first end: only then is it woken. While it lingers it wakes at its
+        # deadline; waking it for each end that follows a write would cost a thread switch each.
+        self._idle = False
         self._backoff = 0.0
+        # One event per thread, reused: a thread waits for one start at a time.
+        self._events = threading.local()
 
     def start(self, keys: PartitionKeys, copy: Try, worker: str) -> tuple[StartResult, int]:
         """Ask whether ``copy`` may start (see :meth:`Ledger.start`); blocks for the answer.
@@ -68,16 +78,25 @@ class Batcher:
         Raises:
           LedgerError: the ledger did not answer.
         """
-        asked = _Start(keys, copy, worker)
         with self._lock:
-            self._starts.append(asked)
-            lead = not self._writing
-            self._writing = True
+            if self._writing:
+                ready = getattr(self._events, "ready", None)
+                if ready is None:
+                    ready = self._events.ready = threading.Event()
+                ready.clear()
+                asked = _Start(keys, copy, worker, ready)
+                self._starts.append(asked)
+            else:
+                # Nobody writes: this thread writes at once, without waiting on anything.
+                self._writing = True
+                asked = _Start(keys, copy, worker, None)
+        lead = asked.ready is None
         while lead or (asked.answer is None and asked.error is None):
             if lead:
-                self._write_batch()
+                self._write_batch(asked if asked.ready is None else None)
                 lead = False
                 continue
+            assert asked.ready is not None
             if not asked.ready.wait(_START_WAIT):
                 raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{copy.offset}: no answer")
             asked.ready.clear()
@@ -100,7 +119,7 @@ class Batcher:
                 logger.error("dropping an end of %s[%d] the ledger never took; it runs again", dropped.topic,
                              dropped.partition)
             self._ends.append((keys, end))
-            if len(self._ends) == 1:
+            if self._idle:
                 self._lock.notify()
 
     def pending(self) -> tuple[int, int]:
@@ -122,7 +141,9 @@ class Batcher:
         while True:
             with self._lock:
                 while not self._ends and not self._stopping:
+                    self._idle = True
                     self._lock.wait()
+                self._idle = False
                 deadline = time.monotonic() + max(_LINGER, self._backoff)
                 while self._ends and not self._stopping and (left := deadline - time.monotonic()) > 0:
                     self._lock.wait(left)
@@ -138,11 +159,13 @@ class Batcher:
             if not self._write_batch() and stopping:
                 return  # the bridge dispatches them again after its re-dispatch timeout
 
-    def _write_batch(self) -> bool:
-        """Write everything pending, as the one writer; then hand the role to a waiting start.
-        Returns whether the write succeeded."""
+    def _write_batch(self, own: _Start | None = None) -> bool:
+        """Write everything pending (and ``own``, the writer's start), as the one writer; then hand
+        the role to a waiting start. Returns whether the write succeeded."""
         with self._lock:
             starts, self._starts = self._starts, []
+            if own is not None:
+                starts.append(own)
             ends = list(self._ends)
             self._ends.clear()
         ok = True
@@ -152,7 +175,7 @@ class Batcher:
             ok = False
             for asked in starts:  # each start fails in its own thread, as a direct call would
                 asked.error = e
-                asked.ready.set()
+                asked.settle()
             if ends:
                 self._failed("finish")
                 self._backoff = min(self._backoff * 2 or 0.1, 5.0)
@@ -162,17 +185,17 @@ class Batcher:
         except BaseException as e:  # a bug here must not leave worker threads waiting
             for asked in starts:
                 asked.error = LedgerUnavailable(f"ledger start failed: {e!r}")
-                asked.ready.set()
+                asked.settle()
             raise
         finally:
             with self._lock:
                 if self._starts:
                     successor = self._starts[0]
                     successor.lead = True
-                    successor.ready.set()
+                    successor.settle()
                 else:
                     self._writing = False
-                    if self._ends:
+                    if self._ends and self._idle:
                         self._lock.notify()
         if ok:
             self._backoff = 0.0
@@ -192,4 +215,4 @@ class Batcher:
         for keys, found in by_keys.items():
             for asked, answer in zip(found, verdicts[keys], strict=True):
                 asked.answer = answer
-                asked.ready.set()
+                asked.settle()

@@ -183,7 +183,7 @@ class LedgerMiddleware(Middleware):
 
     def _admit(self, message: Any) -> None:
         local = self._local
-        local.ours = local.copy = local.delay = local.meta = local.batch_ended = None
+        local.ours = local.copy = local.delay = local.keys = local.batch_ended = None
         local.unordered = False
         approved = self.handoff.take(message.message_id)
         try:
@@ -201,13 +201,12 @@ class LedgerMiddleware(Middleware):
         if meta.batch:
             self.batches.admit(message, meta, handler, self._max_json_depth, self._skip)
             return
-        if approved is not None:
-            # The finish of its predecessor recorded its start a moment ago, in this process.
-            token, known = approved
-            verdict: StartResult = "run"
-        else:
-            token = meta.token or new_token()
-            verdict, known = self._start(meta, token, retries)
+        worker = worker_id()
+        # Approved: the finish of its predecessor recorded its start a moment ago, in this process.
+        token = approved[0] if approved is not None else meta.token or new_token()
+        copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        verdict: StartResult
+        verdict, known = ("run", approved[1]) if approved is not None else self._start(meta, keys, copy, worker)
         if verdict == "wait":
             # Parked: the thread takes other work, the record runs once its predecessor finished.
             # Its heartbeat keeps the bridge from dispatching it again meanwhile.
@@ -230,24 +229,23 @@ class LedgerMiddleware(Middleware):
         if known > retries:
             # It takes over from a copy that was retried or died: dramatiq's count goes on.
             message.options["retries"] = retries = known
-        local.copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
-        local.meta = meta
+            copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
+        local.copy = copy
+        local.keys = keys
         # No order to keep: its end goes with a batch.
         local.unordered = handler is not None and handler.ordering == "none" and meta.prev < 0
-        self.signs.running((keys, meta.offset), token, (meta.epoch, meta.attempt, retries, token, worker_id()))
+        self.signs.running((keys, meta.offset), token, (meta.epoch, meta.attempt, retries, token, worker))
         if handler is not None:
             decode(message, meta, handler, self._max_json_depth)
 
-    def _start(self, meta: Meta, token: str, retries: int) -> tuple[StartResult, int]:
+    def _start(self, meta: Meta, keys: PartitionKeys, copy: Try, worker: str) -> tuple[StartResult, int]:
         """Ask the ledger whether this copy may start, listening for its predecessor's end first."""
-        keys = _keys(meta)
-        copy = Try(meta.offset, meta.epoch, meta.attempt, retries, token)
         if meta.prev < 0:
-            return self.batcher.start(keys, copy, worker_id())
+            return (self._batcher or self.batcher).start(keys, copy, worker)
         channel, parking = keys.finished_channel, self.parking
         parking.expect(channel, meta.prev)
         try:
-            verdict, known = self.ledger.start(keys, copy, worker_id(), meta.prev, live=self.live)
+            verdict, known = self.ledger.start(keys, copy, worker, meta.prev, live=self.live)
         except BaseException:
             parking.forget(channel, meta.prev)
             raise
@@ -277,10 +275,9 @@ class LedgerMiddleware(Middleware):
         if exception is None and local.unordered:
             # The common case, kept short: an unordered record done, its end written in a batch.
             local.unordered = False
-            meta = local.meta
-            keys = PartitionKeys(meta.group, meta.topic, meta.partition)
-            self.signs.finished((keys, meta.offset), copy.token)
-            self.batcher.finish(keys, End(copy, "done"))
+            keys = local.keys
+            self.signs.finished((keys, copy.offset), copy.token)
+            (self._batcher or self.batcher).finish(keys, End(copy, "done"))
             return
         if exception is None:
             self._finish(message, "done", copy=copy)

@@ -121,3 +121,62 @@ def test_close_writes_pending_ends_and_a_later_call_starts_the_thread_again() ->
     assert ledger.writes[-1][1] == {A: [1]}
     assert writer.start(B, copy(2), "host:1:7") == ("run", 1)
     writer.close()
+
+
+class EchoLedger:
+    """Answers each start with its own offset as the retry count, after a short pause."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def start_and_finish_many(
+        self,
+        starts: Mapping[PartitionKeys, Sequence[tuple[Try, str]]],
+        ends: Mapping[PartitionKeys, Sequence[End]],
+        worker: str,
+        live: float = 15.0,
+    ) -> dict[PartitionKeys, list[tuple[StartResult, int]]]:
+        self.writes += 1
+        time.sleep(0.0005)
+        return {k: [("run", c.offset) for c, _ in v] for k, v in starts.items()}
+
+
+def test_threads_asking_again_and_again_each_get_the_answer_to_their_own_start() -> None:
+    # A thread reuses one event for all its waits, and one handed the writer's role is woken
+    # through it too: no wake-up may hand it an answer meant for another start.
+    ledger = EchoLedger()
+    writer = Batcher(ledger, "host:1", 15.0, lambda _: None)  # type: ignore[arg-type]
+    wrong: list[tuple[int, tuple[StartResult, int]]] = []
+
+    def ask(thread: int) -> None:
+        for n in range(150):
+            offset = thread * 1000 + n
+            answer = writer.start(A if n % 2 else B, copy(offset), f"host:1:{thread}")
+            if answer != ("run", offset):
+                wrong.append((offset, answer))
+            if n % 3 == 0:
+                writer.finish(A, End(copy(offset), "done"))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    writer.close()
+    assert wrong == []
+    assert ledger.writes < 8 * 150, "starts asked during a write went out together"
+
+
+def test_an_end_that_comes_while_the_flusher_lingers_is_written_at_its_deadline_without_a_start() -> None:
+    ledger = FakeLedger()
+    ledger.release.set()
+    writer = batcher(ledger)
+    writer.finish(A, End(copy(1), "done"))  # wakes the idle flusher, which lingers
+    assert writer.start(B, copy(2), "host:1:7") == ("run", 1)  # takes end 1 along
+    writer.finish(A, End(copy(3), "done"))  # the flusher is not woken for it
+    wait_for(lambda: any(ends == {A: [3]} for _, ends in ledger.writes))
+    writer.finish(A, End(copy(4), "done"))  # the flusher went idle again: woken at once
+    wait_for(lambda: any(ends == {A: [4]} for _, ends in ledger.writes))
+    writer.close()
+    written = [offset for _, ends in ledger.writes for offset in ends.get(A, [])]
+    assert sorted(written) == [1, 3, 4]

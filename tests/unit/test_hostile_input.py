@@ -97,6 +97,13 @@ def test_json_deeper_than_the_limit_is_undecodable_not_a_crash(kind: str) -> Non
             codecs.decode("json", nested(depth, kind))
 
 
+def test_json_with_more_brackets_than_the_depth_limit_but_shallow_is_decoded() -> None:
+    wide = b"[" + b",".join([b"{}", b"[]"] * codecs.MAX_JSON_DEPTH) + b"]"
+    assert codecs.decode("json", wide) == [{}, []] * codecs.MAX_JSON_DEPTH
+    in_strings = json.dumps({"s": "[{" * codecs.MAX_JSON_DEPTH}).encode()
+    assert codecs.decode("json", in_strings) == {"s": "[{" * codecs.MAX_JSON_DEPTH}
+
+
 class AckingDeadLetters:
     """Dead letters that Kafka acknowledges at once; keeps what was written."""
 
