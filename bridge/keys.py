@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Hash of lane name -> topic, read by workers to find the lanes they should consume.
 LANES_KEY = "kdb:lanes"
@@ -89,17 +90,17 @@ class PartitionKeys:
     @property
     def script_keys(self) -> list[str]:
         """Every key of the partition, in the order the ledger's scripts take them (lua/common.lua)."""
-        return list(_script_keys(self))
+        return list(_names(self).script_keys)
 
     @property
     def encoded_script_keys(self) -> tuple[bytes, ...]:
         """:attr:`script_keys` as the bytes Redis gets: what the hot ledger calls send."""
-        return _encoded_script_keys(self)
+        return _names(self).encoded_script_keys
 
     @property
     def finished_channel(self) -> str:
         """Pub/sub channel announcing each offset that reached a final state."""
-        return _finished_channel(self)
+        return _names(self).finished_channel
 
 
 # Built on every ledger call of a partition: built once per partition instead (a few µs each).
@@ -111,30 +112,17 @@ def _prefix(group: str, topic: str, partition: int) -> str:
     return f"kdb:{{{_tag_safe(group)}|{topic}|{partition}}}"
 
 
-@functools.lru_cache(maxsize=_CACHED)
-def _script_keys(keys: PartitionKeys) -> tuple[str, ...]:
-    return (
-        keys.epoch,
-        keys.done,
-        keys.running,
-        keys.attempts,
-        keys.failed,
-        keys.floor,
-        keys.fresh,
-        keys.beats,
-        keys.staged,
-        keys.died,
-    )
+class _Names(NamedTuple):
+    script_keys: tuple[str, ...]
+    encoded_script_keys: tuple[bytes, ...]
+    finished_channel: str
 
 
 @functools.lru_cache(maxsize=_CACHED)
-def _encoded_script_keys(keys: PartitionKeys) -> tuple[bytes, ...]:
-    return tuple(key.encode() for key in _script_keys(keys))
-
-
-@functools.lru_cache(maxsize=_CACHED)
-def _finished_channel(keys: PartitionKeys) -> str:
-    return f"{keys.prefix}:fin"
+def _names(keys: PartitionKeys) -> _Names:
+    script_keys = (keys.epoch, keys.done, keys.running, keys.attempts, keys.failed, keys.floor, keys.fresh,
+                   keys.beats, keys.staged, keys.died)
+    return _Names(script_keys, tuple(key.encode() for key in script_keys), f"{keys.prefix}:fin")
 
 
 #: Pattern matching every partition's ``finished_channel``.

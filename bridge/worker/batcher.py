@@ -90,21 +90,32 @@ class Batcher:
                 # Nobody writes: this thread writes at once, without waiting on anything.
                 self._writing = True
                 asked = _Start(keys, copy, worker, None)
-        lead = asked.ready is None
-        while lead or (asked.answer is None and asked.error is None):
-            if lead:
-                self._write_batch(asked if asked.ready is None else None)
-                lead = False
-                continue
+        if asked.ready is None:
+            self._write_batch(asked)
+        while asked.answer is None and asked.error is None:
             assert asked.ready is not None
             if not asked.ready.wait(_START_WAIT):
-                raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{copy.offset}: no answer")
+                self._give_up(asked)
             asked.ready.clear()
-            lead, asked.lead = asked.lead, False
+            if asked.lead:
+                # Handed the writer's role: this start is among the ones waiting, written with them.
+                asked.lead = False
+                self._write_batch()
         if asked.error is not None:
             raise asked.error
         assert asked.answer is not None
         return asked.answer
+
+    def _give_up(self, asked: _Start) -> None:
+        """A start waited too long: it leaves the queue, so that no write hands the writer's role
+        to a thread that no longer waits. Returns if it was answered or handed the role meanwhile."""
+        with self._lock:
+            if asked.lead or asked.answer is not None or asked.error is not None:
+                return
+            if asked in self._starts:
+                self._starts.remove(asked)
+        keys, offset = asked.keys, asked.copy.offset
+        raise LedgerUnavailable(f"ledger start of {keys.topic}[{keys.partition}]@{offset}: no answer")
 
     def finish(self, keys: PartitionKeys, end: End) -> None:
         """Write ``end`` with the next batch; returns at once."""

@@ -108,6 +108,8 @@ class LedgerMiddleware(Middleware):
     @property
     def batcher(self) -> Batcher:
         """Writes starts without a predecessor and ends without a successor in batches."""
+        if self._batcher is not None:  # read on every record: no lock once built
+            return self._batcher
         ledger, live = self.ledger, self.live
         with self._lock:
             if self._batcher is None:
@@ -241,7 +243,7 @@ class LedgerMiddleware(Middleware):
     def _start(self, meta: Meta, keys: PartitionKeys, copy: Try, worker: str) -> tuple[StartResult, int]:
         """Ask the ledger whether this copy may start, listening for its predecessor's end first."""
         if meta.prev < 0:
-            return (self._batcher or self.batcher).start(keys, copy, worker)
+            return self.batcher.start(keys, copy, worker)
         channel, parking = keys.finished_channel, self.parking
         parking.expect(channel, meta.prev)
         try:
@@ -277,7 +279,7 @@ class LedgerMiddleware(Middleware):
             local.unordered = False
             keys = local.keys
             self.signs.finished((keys, copy.offset), copy.token)
-            (self._batcher or self.batcher).finish(keys, End(copy, "done"))
+            self.batcher.finish(keys, End(copy, "done"))
             return
         if exception is None:
             self._finish(message, "done", copy=copy)

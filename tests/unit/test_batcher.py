@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+import pytest
+
 from bridge.errors import LedgerUnavailable
 from bridge.keys import PartitionKeys
 from bridge.ledger import End, StartResult, Try
@@ -180,3 +182,23 @@ def test_an_end_that_comes_while_the_flusher_lingers_is_written_at_its_deadline_
     writer.close()
     written = [offset for _, ends in ledger.writes for offset in ends.get(A, [])]
     assert sorted(written) == [1, 3, 4]
+
+
+def test_a_start_that_gives_up_waiting_is_not_handed_the_writers_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before the fix the start that timed out stayed queued; the write in flight handed it the
+    # writer's role, and since its thread had gone, no start in the process was answered again.
+    monkeypatch.setattr("bridge.worker.batcher._START_WAIT", 0.2)
+    ledger = FakeLedger()
+    writer = batcher(ledger)
+    answers: dict[int, tuple[StartResult, int]] = {}
+    first = threading.Thread(target=lambda: answers.setdefault(0, writer.start(A, copy(0), "host:1:1")))
+    first.start()
+    assert ledger.entered.wait(10)
+    with pytest.raises(LedgerUnavailable, match=r"a\[0\]@1: no answer"):
+        writer.start(A, copy(1), "host:1:2")
+    assert writer.pending() == (0, 0)
+    ledger.release.set()
+    first.join(10)
+    assert writer.start(B, copy(2), "host:1:3") == ("run", 1)
+    assert answers == {0: ("run", 1)}
+    assert [starts for starts, _ in ledger.writes] == [{A: [0]}, {B: [2]}]
