@@ -22,7 +22,7 @@ from .batching import BatchState
 from .commit import Committer
 from .completions import reason_of
 from .deadletter import DeadLetterRouter
-from .enqueue import pipelined
+from .enqueue import hands_over
 from .errors import FatalError, KafkaUnavailable, LedgerUnavailable
 from .flow import Flow
 from .keys import PartitionKeys
@@ -133,7 +133,7 @@ class Assignments:
                 lane=self._lane(tp.topic, tp.partition),
                 window=handler.window or self._settings.window,
                 dead_letter_topic=handler.dead_letter_for(tp.topic),
-                stages=handler.ordering != "none" and pipelined(handler.actor.broker) and handler.batch is None,
+                stages=handler.ordering != "none" and hands_over(handler.actor.broker) and handler.batch is None,
                 state=self._state(handler, epochs[i] if epochs else 0, start if start >= 0 else None),
                 start_offset=start,
                 assignment=Assignment(

@@ -11,6 +11,7 @@ message.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +53,16 @@ def _write(broker: Any, queues: dict[str, tuple[dict[str, bytes], list[str]]], *
 def pipelined(broker: dramatiq.Broker) -> bool:
     """Whether ``broker`` takes the pipelined path."""
     return isinstance(broker, RedisBroker)
+
+
+def hands_over(broker: dramatiq.Broker) -> bool:
+    """Whether a worker that finishes an ordered record can start the record staged behind it, from
+    its own work queue (:mod:`bridge.worker.handoff`): dramatiq's Redis and RabbitMQ brokers. With
+    other brokers every record goes on its lane, and one whose predecessor runs parks."""
+    if isinstance(broker, RedisBroker):
+        return True
+    rabbitmq = sys.modules.get("dramatiq.brokers.rabbitmq")  # loaded if the broker is one; needs pika
+    return rabbitmq is not None and isinstance(broker, rabbitmq.RabbitmqBroker)
 
 
 def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[Any]]) -> None:

@@ -72,8 +72,8 @@ class Owned:
     lane: str
     window: int
     dead_letter_topic: str | None
-    #: Ordered mode on a Redis broker: records behind an unfinished one are staged in the ledger,
-    #: and the worker that finishes a record starts the next itself.
+    #: Ordered mode on dramatiq's Redis or RabbitMQ broker: records behind an unfinished one are
+    #: staged in the ledger, and the worker that finishes a record starts the next itself.
     stages: bool
     state: PartitionState
     #: The offset the assignment started at (-1: none committed, the handler's offset reset).

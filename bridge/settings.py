@@ -147,10 +147,10 @@ class Settings(WorkerSettings):
         32, ge=1, le=100_000,
         description=(
             "`partition` and `key` modes: records of one partition (one key) dispatched at once. They still "
-            "run one at a time and in offset order; with the Redis broker the ones behind the first are "
-            "staged in the ledger, and the worker that finishes a record starts the next at once (see "
-            "[ordered lanes](concepts.md#ordered-lanes)). `1` dispatches each record only after the previous "
-            "one is done."
+            "run one at a time and in offset order; with dramatiq's Redis and RabbitMQ brokers the ones "
+            "behind the first are staged in the ledger, and the worker that finishes a record starts the "
+            "next at once (see [ordered lanes](concepts.md#ordered-lanes)). `1` dispatches each record only "
+            "after the previous one is done."
         ),
     )
     commit_interval: float = Field(

@@ -1,7 +1,14 @@
 """Running a record again in a worker: a parked record whose predecessor finished, or the
-successor a finish started. With dramatiq's Redis broker the record goes onto this process's own
-work queue (no round trip through the broker); with any other broker it goes back on its lane,
-whose consumer acknowledges it as its own delivery (a RabbitMQ tag cannot be acknowledged twice).
+successor a finish started. With dramatiq's Redis and RabbitMQ brokers the record goes onto this
+process's own work queue (no round trip through the broker); with any other broker it goes back on
+its lane, whose consumer acknowledges it as its own delivery.
+
+The dramatiq internals this relies on, all here: the worker's ``work_queue`` and its item type,
+and how each broker's consumer acknowledges a message that is no delivery of its own: the Redis
+broker's acknowledgement of an id it does not hold changes nothing, and RabbitMQ's consumer finds
+no delivery tag and logs a warning, which :meth:`Handoff.quiet_acks` drops. (A RabbitMQ delivery
+tag must never be acknowledged twice, and a tag from before a reconnect may name another delivery
+now: a record run again carries no tag.)
 
 Records handed back here and not yet started are remembered, so that a shutdown puts them back
 on their lanes, and so that their start, when a finish recorded it already, is not asked again.
@@ -16,13 +23,13 @@ from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.redis import RedisBroker
 
 try:  # dramatiq 2.x: the work queue's item type (dramatiq 1.x queues (priority, message) tuples)
     from dramatiq.worker import _WorkQueueItem
 except ImportError:  # pragma: no cover - dramatiq 1.x
     _WorkQueueItem = None  # type: ignore[assignment,misc]
 
+from ..enqueue import hands_over
 from ..keys import PartitionKeys
 from ..ledger import StartResult
 from ..logs import coordinates
@@ -33,6 +40,18 @@ logger = logging.getLogger("bridge.worker")
 
 #: The priority of a record put on a worker's own work queue: ahead of everything queued.
 _FIRST = -(1 << 62)
+
+#: What dramatiq's RabbitMQ consumer logs when it acknowledges a message with no delivery tag.
+_UNTAGGED_ACKS = frozenset({"Failed to ack message: not in known tags.", "Failed to nack message: not in known tags."})
+#: The logger of dramatiq's RabbitMQ consumer.
+_RABBITMQ_CONSUMER_LOGGER = "dramatiq.brokers.rabbitmq._RabbitmqConsumer"
+
+
+class Untagged(MessageProxy):
+    """A record run again from this process's own work queue: no delivery of the broker."""
+
+    _tag = None
+    redelivered = False
 
 
 def plain(message: Any) -> dramatiq.Message[Any]:
@@ -61,9 +80,12 @@ class Handoff:
         self._released: dict[str, Any] = {}
         # Of those, the ones whose start a finish recorded: message id -> (token, retries).
         self._approved: dict[str, tuple[str, int]] = {}
+        # Per worker thread: whether the message dramatiq acknowledges next is an Untagged one.
+        self._acking = threading.local()
 
     def boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._broker, self._worker, self._stopping = broker, worker, False
+        logging.getLogger(_RABBITMQ_CONSUMER_LOGGER).addFilter(self.quiet_acks)
 
     def stopping(self) -> None:
         self._stopping = True
@@ -92,13 +114,23 @@ class Handoff:
             self._released.pop(message_id, None)
             return self._approved.pop(message_id, None)
 
+    def ended(self, message: Any) -> tuple[str, int] | None:
+        """``message`` ran or was skipped, and dramatiq acknowledges it next in this thread; what
+        :meth:`take` returns."""
+        self._acking.untagged = isinstance(message, Untagged)
+        return self.take(message.message_id)
+
+    def quiet_acks(self, record: logging.LogRecord) -> bool:
+        """Logging filter: drop the RabbitMQ consumer's warning about a record run again here."""
+        return not (record.msg in _UNTAGGED_ACKS and getattr(self._acking, "untagged", False))
+
     def run_again(self, message: Any, *, token: str | None = None) -> bool:
         """Run ``message`` again; ``token`` names the start a finish recorded for it. True when it
         went onto this process's work queue."""
         worker = self._worker
         consumer = worker.consumers.get(message.queue_name) if worker is not None else None
         queue = getattr(worker, "work_queue", None)
-        local = isinstance(self._broker, RedisBroker) and queue is not None
+        local = self._broker is not None and hands_over(self._broker) and queue is not None
         if consumer is None or self._stopping or not local:
             self.requeue(message, token=token)
             return False
@@ -108,7 +140,7 @@ class Handoff:
                 self._approved[message.message_id] = (token, retries_of(message))
         assert queue is not None
         # The head of its partition: ahead of records that would only park again.
-        proxy = MessageProxy(plain(message))
+        proxy = Untagged(plain(message))
         queue.put(_WorkQueueItem(_FIRST, proxy) if _WorkQueueItem is not None else (_FIRST, proxy))
         return True
 

@@ -266,7 +266,7 @@ class LedgerMiddleware(Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        self.handoff.take(message.message_id)
+        self.handoff.ended(message)
         local = self._local
         if self.batches.end(message, exception, int(getattr(local, "delay", None) or 0)):
             local.batch_ended, local.delay = message.message_id, None
@@ -290,7 +290,7 @@ class LedgerMiddleware(Middleware):
             self._finish(message, "retry", copy=copy, delay_ms=int(delay or 0))
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        approved = self.handoff.take(message.message_id)
+        approved = self.handoff.ended(message)
         copy, self._local.copy = getattr(self._local, "copy", None), None
         if getattr(self._local, "ours", None) == message.message_id:
             return

@@ -31,8 +31,8 @@ PROTOCOLS = pytest.mark.parametrize("protocol", group_protocols())
 
 @pytest.fixture(params=["redis", "rabbitmq"])
 def fleet(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The workers' task broker: Redis, or RabbitMQ (dramatiq's default broker, push-based, where
-    records behind an unfinished one park in the worker instead of being staged)."""
+    """The workers' task broker: Redis, or RabbitMQ (dramatiq's default broker, push-based, whose
+    consumers acknowledge by delivery tag: a record run from a worker's own queue has none)."""
     if request.param == "rabbitmq":
         return {"KDB_TEST_RABBITMQ_URL": request.getfixturevalue("rabbitmq").url}
     return {}
@@ -46,8 +46,8 @@ RABBITMQ_SLOW = pytest.mark.parametrize(
 
 
 def records_for(fleet: dict[str, str]) -> int:
-    """Records of the long runs: fewer on RabbitMQ, where ordered records take the slower
-    parking path (see docs/performance.md), to keep the suite's time in budget."""
+    """Records of the long runs: fewer on RabbitMQ, whose fleet is slower (see
+    docs/performance.md), to keep the suite's time in budget."""
     return 6_000 if fleet else 20_000
 
 

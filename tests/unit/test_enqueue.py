@@ -11,7 +11,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Middleware
 
-from bridge.enqueue import enqueue_many, pipelined
+from bridge.enqueue import enqueue_many, hands_over, pipelined
 from bridge.errors import PartialDispatch, TaskBrokerUnavailable
 
 
@@ -64,3 +64,11 @@ def test_a_failing_redis_reports_that_nothing_is_known_sent() -> None:
         enqueue_many(broker, [message(n) for n in range(3)])
     assert raised.value.sent == 0
     assert isinstance(raised.value.cause, TaskBrokerUnavailable)
+
+
+def test_records_behind_an_unfinished_one_are_staged_for_dramatiqs_redis_and_rabbitmq_brokers_only() -> None:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    assert hands_over(RedisBroker(client=fakeredis.FakeRedis()))
+    assert hands_over(RabbitmqBroker(url="amqp://127.0.0.1:1"))  # connects on first use only
+    assert not hands_over(StubBroker()), "any other broker: every record goes on its lane and parks"
