@@ -51,7 +51,6 @@ class Untagged(MessageProxy):
     """A record run again from this process's own work queue: no delivery of the broker."""
 
     _tag = None
-    redelivered = False
 
 
 def plain(message: Any) -> dramatiq.Message[Any]:
@@ -75,6 +74,8 @@ class Handoff:
         self._lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
         self._broker: dramatiq.Broker | None = None
+        # Whether records run again go onto the worker's own queue (decided at boot, by broker).
+        self._own_queue = False
         self._stopping = False
         # Message id -> records handed to the work queue and not started yet.
         self._released: dict[str, Any] = {}
@@ -85,6 +86,7 @@ class Handoff:
 
     def boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._broker, self._worker, self._stopping = broker, worker, False
+        self._own_queue = hands_over(broker)
         logging.getLogger(_RABBITMQ_CONSUMER_LOGGER).addFilter(self.quiet_acks)
 
     def stopping(self) -> None:
@@ -130,7 +132,7 @@ class Handoff:
         worker = self._worker
         consumer = worker.consumers.get(message.queue_name) if worker is not None else None
         queue = getattr(worker, "work_queue", None)
-        local = self._broker is not None and hands_over(self._broker) and queue is not None
+        local = self._own_queue and queue is not None
         if consumer is None or self._stopping or not local:
             self.requeue(message, token=token)
             return False

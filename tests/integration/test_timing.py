@@ -272,18 +272,28 @@ def test_during_a_rolling_upgrade_a_worker_refuses_messages_of_a_newer_protocol_
     assert_complete(report, pipeline.ends())
 
 
-def crash_while_running(pipeline: Pipeline, redis_client: redis.Redis, offset: int) -> tuple[Any, float]:
-    """Start a worker process and the bridge, and SIGKILL that process while ``offset`` runs, with a
-    second worker process started just before; the bridge and the time of the kill."""
+def crash_while_running(
+    pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
+    rabbitmq: Any, *, records: int, slow: int, redispatch_timeout: str,
+) -> tuple[Pipeline, Any, float]:
+    """RabbitMQ lanes, ``partition`` mode, ``records`` records of which ``slow`` takes 4 s: a worker
+    process and the bridge start, and that process is SIGKILLed while ``slow`` runs, a second one
+    started just before; the pipeline, the bridge and the time of the kill."""
+    topic = topic_factory(1)
+    pipeline = pipeline_factory(
+        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_RABBITMQ_URL=rabbitmq.url, KDB_TEST_SLOW_KEYS=f"{slow}=4000",
+        BRIDGE_REDISPATCH_TIMEOUT=redispatch_timeout, BRIDGE_HEARTBEAT_INTERVAL="0.5",
+    )
+    produce_keyed(pipeline.kafka.bootstrap_servers, topic, records, key=str)
     doomed = pipeline.start_workers(processes=1, threads=4)
     bridge = pipeline.start_bridge()
-    wait_until(lambda: any(e.kind == "S" and e.offset == offset for e in read_events(redis_client)), 60,
-               message=f"offset {offset} never started")
+    wait_until(lambda: any(e.kind == "S" and e.offset == slow for e in read_events(redis_client)), 60,
+               message=f"offset {slow} never started")
     pipeline.start_workers(processes=1, threads=4)
     for pid in doomed.pids():
         os.kill(pid, signal.SIGKILL)
     doomed.kill()
-    return bridge, time.monotonic()
+    return pipeline, bridge, time.monotonic()
 
 
 def assert_ran_once_in_order(pipeline: Pipeline, redis_client: redis.Redis) -> None:
@@ -299,14 +309,9 @@ def test_a_rabbitmq_redelivery_after_a_worker_crash_runs_once_the_dead_copy_stop
     pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
     rabbitmq: Any,
 ) -> None:
-    topic = topic_factory(1)
-    pipeline = pipeline_factory(
-        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_RABBITMQ_URL=rabbitmq.url, KDB_TEST_SLOW_KEYS="0=4000",
-        BRIDGE_REDISPATCH_TIMEOUT="120", BRIDGE_HEARTBEAT_INTERVAL="0.5",
-    )
     # One record: a delivery of its lane (a record behind it would run from the worker's own queue).
-    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 1, key=str)
-    bridge, killed_at = crash_while_running(pipeline, redis_client, 0)
+    pipeline, bridge, killed_at = crash_while_running(pipeline_factory, topic_factory, redis_client, rabbitmq,
+                                                      records=1, slow=0, redispatch_timeout="120")
     # RabbitMQ hands the unacknowledged message to the other process at once; it waits for the
     # dead copy's registration to go stale (three heartbeats), not for the re-dispatch timeout.
     wait_committed_to_end(pipeline, timeout=60)
@@ -320,15 +325,10 @@ def test_on_rabbitmq_a_record_a_crashed_worker_ran_from_its_own_queue_comes_back
     pipeline_factory: Callable[..., Pipeline], topic_factory: Callable[..., str], redis_client: redis.Redis,
     rabbitmq: Any,
 ) -> None:
-    topic = topic_factory(1)
-    pipeline = pipeline_factory(
-        [topic], KDB_TEST_ORDERING="partition", KDB_TEST_RABBITMQ_URL=rabbitmq.url, KDB_TEST_SLOW_KEYS="1=4000",
-        BRIDGE_REDISPATCH_TIMEOUT="5", BRIDGE_HEARTBEAT_INTERVAL="0.5",
-    )
     # 1 is staged behind 0: the worker that finishes 0 runs it from its own work queue, so
     # RabbitMQ holds no delivery of it when that worker dies.
-    produce_keyed(pipeline.kafka.bootstrap_servers, topic, 3, key=str)
-    bridge, _ = crash_while_running(pipeline, redis_client, 1)
+    pipeline, bridge, _ = crash_while_running(pipeline_factory, topic_factory, redis_client, rabbitmq,
+                                              records=3, slow=1, redispatch_timeout="5")
     wait_committed_to_end(pipeline, timeout=60)
     assert bridge.stop() == 0
     assert REDISPATCHED in bridge.log, "the bridge dispatched it again"
