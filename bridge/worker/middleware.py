@@ -147,6 +147,7 @@ class LedgerMiddleware(Middleware):
             self._parking.close()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.waker.flush()
         if self._batcher is not None:
             self._batcher.close()
         waiting = self.handoff.release_all()

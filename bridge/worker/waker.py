@@ -31,6 +31,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import compute_backoff
 
 from ..keys import WAKE_PATTERN, WAKE_PREFIX
+from .acks import Acks
 
 logger = logging.getLogger("bridge.worker")
 
@@ -44,12 +45,14 @@ def is_lane(queue_name: str) -> bool:
 
 
 class WakeableConsumer(dramatiq.Consumer):
-    """A Redis lane consumer whose back-off after an empty fetch ends early on a wake-up."""
+    """A Redis lane consumer whose back-off after an empty fetch ends early on a wake-up, and
+    whose acknowledgements go in batches (:mod:`bridge.worker.acks`)."""
 
-    def __init__(self, inner: Any, wake: threading.Event, timeout_ms: int) -> None:
+    def __init__(self, inner: Any, wake: threading.Event, timeout_ms: int, acks: Acks | None = None) -> None:
         self._inner = inner
         self._wake = wake
         self._timeout_ms = timeout_ms
+        self._acks = acks
         #: Empty fetches in a row since the last record or wake-up; the back-off grows with it.
         self.misses = 0
 
@@ -71,7 +74,15 @@ class WakeableConsumer(dramatiq.Consumer):
         return None
 
     def ack(self, message: Any) -> None:
-        self._inner.ack(message)
+        if self._acks is None:
+            self._inner.ack(message)
+            return
+        try:
+            message_id = message.options["redis_message_id"]
+        finally:
+            # Acknowledged as far as the prefetch goes, as dramatiq's own ack does even when it fails.
+            self._inner.queued_message_ids.discard(message.message_id)
+        self._acks.add(self._inner.queue_name, message_id)
 
     def nack(self, message: Any) -> None:
         self._inner.nack(message)
@@ -95,12 +106,15 @@ class Waker:
         self._client: redis.Redis | None = None
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        self._acks: Acks | None = None
 
     def install(self, broker: dramatiq.Broker) -> None:
-        """Make ``broker``'s lane consumers wakeable (dramatiq's Redis broker only; once)."""
+        """Make ``broker``'s lane consumers wakeable, their acknowledgements batched (dramatiq's
+        Redis broker only; once)."""
         if not isinstance(broker, RedisBroker) or getattr(broker.consume, "_kdb_waker", False):
             return
         self._client = broker.client
+        self._acks = Acks(broker)
         wrapped = functools.partial(self._consume, broker.consume)
         wrapped._kdb_waker = True  # type: ignore[attr-defined]
         broker.consume = wrapped  # type: ignore[method-assign]
@@ -112,7 +126,8 @@ class Waker:
         with self._lock:
             event = self._events.setdefault(queue_name, threading.Event())
         self._ensure_listener()
-        return WakeableConsumer(original(queue_name=queue_name, prefetch=prefetch, timeout=0), event, timeout)
+        return WakeableConsumer(original(queue_name=queue_name, prefetch=prefetch, timeout=0), event, timeout,
+                                self._acks)
 
     def wake(self, lane: str) -> None:
         with self._lock:
@@ -122,6 +137,11 @@ class Waker:
 
     def close(self) -> None:
         self._stop.set()
+
+    def flush(self) -> None:
+        """Write the acknowledgements still pending: the worker's threads have stopped."""
+        if self._acks is not None:
+            self._acks.close()
 
     def _ensure_listener(self) -> None:
         with self._lock:
