@@ -82,6 +82,9 @@ class Assignments:
         self.drain: Drain = lambda partitions: None
         #: The bridge received its first assignment (possibly empty).
         self.joined = False
+        #: Since when the bridge has been outside the group after losing its assignment (session
+        #: timeout, fenced), until its next assignment; None otherwise.
+        self.outside_since: float | None = None
         #: The last epoch this bridge knew for each partition, so a new one is always higher.
         self._epochs: dict[TP, int] = {}
         #: The Redis Cluster primary that held each partition's ledger keys at the last look.
@@ -98,7 +101,7 @@ class Assignments:
     # -- rebalance callbacks ----------------------------------------------------------------
 
     def on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.joined = True
+        self.joined, self.outside_since = True, None
         assign = consumer.incremental_assign if self.cooperative else consumer.assign
         if not partitions:
             assign([])
@@ -195,6 +198,7 @@ class Assignments:
             self._hooks.run_hooks("revoked", tp.topic, tp.partition, self._settings.group_id)
 
     def on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.outside_since = self._now()  # librdkafka joins again by itself; bridge.rejoin watches that it does
         for tp in partitions:
             if self._partitions.remove((tp.topic, tp.partition)) is not None:
                 logger.warning("lost %s[%d]: dropped without commit", tp.topic, tp.partition,

@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
@@ -43,6 +43,7 @@ from .metrics import Metrics
 from .owned import Owned, Partitions
 from .probe import Probe
 from .registry import Handler, Registry, registry
+from .rejoin import Rejoin, ReplaceableConsumer
 from .reporting import Reporting
 from .settings import Settings
 from .stats import Stats
@@ -94,9 +95,11 @@ class Bridge:
         logger.debug("settings: %s", settings.model_dump(exclude={"kafka"}))
         logger.debug("consumer configuration: %s", {k: v for k, v in config.items() if isinstance(v, str | int)})
         try:
-            self.consumer: KafkaConsumer = consumer_factory(config)
+            replaceable = ReplaceableConsumer(consumer_factory, config)
         except KafkaException as e:
             raise ConfigurationError(f"invalid Kafka configuration (BRIDGE_KAFKA / -X): {e.args[0].str()}") from None
+        self.consumer: KafkaConsumer = cast(KafkaConsumer, replaceable)
+        self.rejoin = Rejoin(replaceable, settings.rejoin_timeout, settings.group_id, self._subscribe)
         self.committer.consumer = self.consumer
         self.flow = Flow(self.consumer, settings, self.partitions)
         self.router = DeadLetterRouter(settings, self.ledger, self.partitions, self.stats, dead_letters)
@@ -168,10 +171,13 @@ class Bridge:
             self.router.producer.ensure_topics(dead_letter_topics)
         logger.info("bridge %s joining group %r on %s for topics %s", self.instance, self.settings.group_id,
                     self.settings.bootstrap_servers, ", ".join(topics))
-        a = self.assignments
-        self.consumer.subscribe(topics, on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost)
+        self._subscribe()
         self._subscribed = True
         return True
+
+    def _subscribe(self) -> None:
+        a = self.assignments
+        self.consumer.subscribe(sorted(self.handlers), on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost)
 
     def close(self) -> None:
         """Leave the group (revoking what is owned: one more commit) and release the consumer."""
@@ -192,6 +198,8 @@ class Bridge:
         self.router.collect()
         self.reporting.publish_view(now, joined=self.assignments.joined, outage_since=self.flow.outage_since,
                                     last_poll=now)
+        if self.rejoin.check(now, self.assignments.outside_since):
+            self.assignments.outside_since = now  # outside until the new consumer's first assignment
         if not self.flow.may_work(now):
             return
         try:

@@ -171,6 +171,15 @@ class Settings(WorkerSettings):
             "modes)."
         ),
     )
+    rejoin_timeout: float = Field(
+        120.0, ge=0, le=3600,
+        description=(
+            "Seconds the bridge may stay outside its consumer group after losing its partitions (a session "
+            "timeout) while Kafka answers; then it replaces its Kafka consumer with a new one, which joins "
+            "afresh. 0: never. Keep it above `max.poll.interval.ms` plus `session.timeout.ms`, the longest an "
+            "ordinary rebalance takes."
+        ),
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, le=3600,
         description="Seconds a graceful stop waits for dispatched records to finish.",

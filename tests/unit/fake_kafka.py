@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from bridge.consumer import KafkaConsumer, Rebalance
 
@@ -65,6 +65,8 @@ class FakeConsumer:
     _events: deque[tuple[str, list[tuple[str, int]]]] = field(default_factory=deque)
     _pending_commit_reports: list[list[TopicPartition]] = field(default_factory=list)
     closed: bool = False
+    #: Metadata requests fail, as when no broker answers.
+    unreachable: bool = False
 
     def add(self, topic: str, partition: int, count: int, **fields: Any) -> None:
         log = self.logs.setdefault((topic, partition), [])
@@ -86,10 +88,15 @@ class FakeConsumer:
     # -- the consumer surface ----------------------------------------------------------------
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        if self.unreachable:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "no broker answers (test)"))
         return SimpleNamespace(topics={t: SimpleNamespace(error=None) for t, _ in self.logs})
 
     def subscribe(self, topics: list[str], on_assign: Rebalance, on_revoke: Rebalance, on_lost: Rebalance) -> None:
         self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def is_subscribed(self) -> bool:
+        return bool(self._callbacks)
 
     def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
         for report in self._pending_commit_reports:

@@ -80,6 +80,8 @@ class World:
     dead: FakeDeadLetters
     broker: StubBroker
     clock: ManualClock
+    #: Every consumer the bridge made, the first one first.
+    consumers: list[FakeConsumer]
 
     def spin(self, rounds: int = 3, step: float = 0.01) -> None:
         for _ in range(rounds):
@@ -125,7 +127,7 @@ def make_world(stub_broker: StubBroker, **settings: Any) -> World:
     bridge = Bridge(load_settings(**options), handlers_by_topic(), ledger=ledger, consumer_factory=factory,
                     dead_letters=dead, clock=clock)  # type: ignore[arg-type]
     assert bridge.start()
-    return World(bridge, consumers[0], ledger, dead, stub_broker, clock)
+    return World(bridge, consumers[0], ledger, dead, stub_broker, clock, consumers)
 
 
 @pytest.fixture
@@ -317,3 +319,52 @@ def test_the_status_is_published_on_its_own_timer_even_with_the_progress_line_of
     world.spin()
     status = world.ledger.client.hgetall(f"kdb:{{{GROUP}}}:status")
     assert set(status) == {f"{T}|0"}
+
+
+def test_a_bridge_left_outside_its_group_while_kafka_answers_replaces_its_consumer_and_joins_again(
+    stub_broker: StubBroker,
+) -> None:
+    # librdkafka rejoins by itself after a session timeout; a consumer that does not is replaced.
+    world = make_world(stub_broker, rejoin_timeout=30)
+    first = world.consumer
+    first.add(T, 0, 4)
+    first.grant((T, 0))
+    world.spin()
+    assert world.bridge.partitions.get(T, 0) is not None
+    first.lose((T, 0))
+    world.spin(rounds=1)
+    assert len(world.bridge.partitions) == 0
+    first.unreachable = True  # a broker outage: reconnecting is librdkafka's part, nothing is replaced
+    world.clock.advance(40)
+    world.spin()
+    assert len(world.consumers) == 1
+    first.unreachable = False
+    world.clock.advance(5)
+    world.spin()
+    assert len(world.consumers) == 2 and first.closed and world.bridge.rejoin.replaced == 1
+    second = world.consumers[1]
+    assert second.is_subscribed(), "the new consumer joins the group"
+    second.add(T, 0, 4)
+    second.grant((T, 0))
+    world.spin()
+    assert world.bridge.partitions.get(T, 0) is not None and world.bridge.assignments.outside_since is None
+    world.clock.advance(300)  # a member: nothing more is replaced
+    world.spin()
+    assert len(world.consumers) == 2
+
+
+def test_a_bridge_whose_consumer_joins_within_the_rejoin_timeout_keeps_it(stub_broker: StubBroker) -> None:
+    world = make_world(stub_broker, rejoin_timeout=30)
+    world.consumer.add(T, 0, 4)
+    world.clock.advance(300)  # subscribed, not yet assigned: joining is librdkafka's part
+    world.spin()
+    world.consumer.grant((T, 0))
+    world.spin()
+    world.consumer.lose((T, 0))
+    world.spin()
+    world.clock.advance(29)
+    world.consumer.grant((T, 0))  # librdkafka joined again by itself
+    world.spin()
+    world.clock.advance(60)
+    world.spin()
+    assert len(world.consumers) == 1 and world.bridge.rejoin.replaced == 0
