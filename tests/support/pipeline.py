@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -12,6 +14,8 @@ from devstack import DramatiqWorkers
 from tests.support.bridge_proc import REPO, BridgeProcess
 from tests.support.kafka import unique_name
 from tests.support.services import KafkaEndpoint
+
+T = TypeVar("T")
 
 
 class Pipeline:
@@ -55,12 +59,7 @@ class Pipeline:
 
     def committed(self, attempts: int = 20) -> dict[tuple[str, int], int]:
         """The group's committed offsets, retrying while the group coordinator is still loading."""
-        for _ in range(attempts - 1):
-            try:
-                return self._committed()
-            except KafkaException:
-                time.sleep(0.5)
-        return self._committed()
+        return _retried(self._committed, attempts)
 
     def _committed(self) -> dict[tuple[str, int], int]:
         consumer = Consumer({"bootstrap.servers": self.kafka.bootstrap_servers, "group.id": self.group})
@@ -71,7 +70,11 @@ class Pipeline:
         finally:
             consumer.close()
 
-    def ends(self) -> dict[tuple[str, int], int]:
+    def ends(self, attempts: int = 20) -> dict[tuple[str, int], int]:
+        """The partitions' end offsets, retrying while a restarted broker has not yet loaded them."""
+        return _retried(self._ends, attempts)
+
+    def _ends(self) -> dict[tuple[str, int], int]:
         consumer = Consumer({"bootstrap.servers": self.kafka.bootstrap_servers, "group.id": self.group})
         try:
             metadata = consumer.list_topics(timeout=10)
@@ -87,3 +90,13 @@ class Pipeline:
             bridge.kill()
         for workers in self.workers:
             workers.stop(timeout=10)
+
+
+def _retried(read: Callable[[], T], attempts: int) -> T:
+    """``read()``, again every 0.5 s while Kafka answers with an error (at most ``attempts`` times)."""
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except KafkaException:
+            time.sleep(0.5)
+    return read()
