@@ -183,7 +183,7 @@ class Assignments:
             self._probe.point("in-revoke")
         if revoked:
             self.drain(revoked)
-            self._committer.commit(revoked, asynchronous=False)
+            self._committer.commit(revoked, asynchronous=False, in_rebalance=True)
             with contextlib.suppress(*LedgerError):
                 self._ledger.retire([o.keys for o in revoked], RETIRED_PARTITION_TTL)
         for owned in revoked:

@@ -56,13 +56,14 @@ class Committer:
         #: Pruning waits while the ledger is away (set by the loop).
         self.ledger_away = False
 
-    def commit(self, partitions: Iterable[Owned], *, asynchronous: bool) -> None:
-        """Commit what is done of ``partitions``; synchronously, the answer is awaited."""
+    def commit(self, partitions: Iterable[Owned], *, asynchronous: bool, in_rebalance: bool = False) -> None:
+        """Commit what is done of ``partitions``; synchronously, the answer is awaited.
+        ``in_rebalance``: called from a rebalance callback, inside ``consume``."""
         assert self.consumer is not None
         partitions = list(partitions)
         offsets: list[TopicPartition] = []
         for owned in partitions:
-            target = self.target(owned)
+            target = self.target(owned, in_rebalance=in_rebalance)
             marks = owned.marks
             if target is None or target <= marks.confirmed or (asynchronous and target <= marks.requested):
                 continue
@@ -92,7 +93,7 @@ class Committer:
                 self._confirm(result)
         self.prune()
 
-    def target(self, owned: Owned) -> int | None:
+    def target(self, owned: Owned, *, in_rebalance: bool = False) -> int | None:
         """The offset to commit for ``owned``: one past its done prefix, or None."""
         if owned.assignment.fenced:
             return None
@@ -100,9 +101,12 @@ class Committer:
         target = state.committable()
         if self._settings.unsafe_commit_at_dispatch and state.last_dispatched >= 0:
             return max(target or 0, state.last_dispatched + 1)
-        if state.idle and target is not None and self.consumer is not None:
+        if state.idle and target is not None and self.consumer is not None and not in_rebalance:
             # Past the last record may lie transaction markers; the consumer's position includes
-            # them, and every record before it was delivered and is done.
+            # them, and every record before it was delivered and is done. Not inside a rebalance:
+            # librdkafka counts a record in the position as it takes it into a batch, and a
+            # rebalance met later in that batch runs before the bridge saw the record (which is
+            # then dropped from the batch). The next owner reads such markers again.
             try:
                 position = int(self.consumer.position([owned.tp])[0].offset)
             except KafkaException:

@@ -64,6 +64,7 @@ class FakeConsumer:
     _callbacks: dict[str, Any] = field(default_factory=dict)
     _events: deque[tuple[str, list[tuple[str, int]]]] = field(default_factory=deque)
     _pending_commit_reports: list[list[TopicPartition]] = field(default_factory=list)
+    _mid_batch: list[list[tuple[str, int]]] = field(default_factory=list)
     closed: bool = False
     #: Metadata requests fail, as when no broker answers.
     unreachable: bool = False
@@ -80,6 +81,13 @@ class FakeConsumer:
     def take_back(self, *tps: tuple[str, int]) -> None:
         """The group revokes ``tps``."""
         self._events.append(("revoke", list(tps)))
+
+    def take_back_mid_batch(self, *tps: tuple[str, int]) -> None:
+        """The group revokes ``tps`` inside the next ``consume`` that takes records, after it took
+        them: as librdkafka serves a rebalance met in the middle of a batch. The position already
+        counts those records; the revoked partitions' ones are purged from the batch, so the
+        application never sees them."""
+        self._mid_batch.append(list(tps))
 
     def lose(self, *tps: tuple[str, int]) -> None:
         """The group lost ``tps`` (session timeout)."""
@@ -115,6 +123,11 @@ class FakeConsumer:
             while self.positions.get(tp, 0) < len(log) and len(out) < num_messages:
                 out.append(log[self.positions[tp]])
                 self.positions[tp] += 1
+        if out and self._mid_batch:
+            revoked = set(self._mid_batch.pop(0))
+            self._callbacks["revoke"](self, [TopicPartition(t, p) for t, p in sorted(revoked)])
+            self.assigned -= revoked
+            out = [m for m in out if (m.topic(), m.partition()) not in revoked]
         return out
 
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:

@@ -26,7 +26,7 @@ from tests.unit.parts import GROUP, RecordingRouter, T, deliver, handler, ledger
 class RecordingCommitter:
     commits: list[list[str]] = field(default_factory=list)
 
-    def commit(self, partitions: Any, *, asynchronous: bool) -> None:
+    def commit(self, partitions: Any, *, asynchronous: bool, in_rebalance: bool = False) -> None:
         self.commits.append([p.where for p in partitions])
 
 
