@@ -198,8 +198,8 @@ class Bridge:
         self.router.collect()
         self.reporting.publish_view(now, joined=self.assignments.joined, outage_since=self.flow.outage_since,
                                     last_poll=now)
-        if self.rejoin.check(now, self.assignments.outside_since):
-            self.assignments.outside_since = now  # outside until the new consumer's first assignment
+        if (outside_since := self.assignments.outside_since) is not None:
+            self.rejoin.check(now, outside_since)
         if not self.flow.may_work(now):
             return
         try:

@@ -55,26 +55,29 @@ class Rejoin:
         self._group = group
         self._subscribe = subscribe
         self._next_look = 0.0
+        #: A replaced consumer is outside until its first assignment: the wait starts over.
+        self._replaced_at = 0.0
         #: Consumers replaced so far.
         self.replaced = 0
 
-    def check(self, now: float, outside_since: float | None) -> bool:
-        """Replace the consumer if it has been outside the group since ``outside_since`` for longer
-        than the timeout and Kafka answers; returns whether it did."""
-        if not self._timeout or outside_since is None or now - outside_since < self._timeout:
-            return False
+    def check(self, now: float, outside_since: float) -> None:
+        """Replace the consumer if it has been outside the group since ``outside_since`` (or since
+        the last replacement) for longer than the timeout and Kafka answers."""
+        outside_since = max(outside_since, self._replaced_at)
+        if not self._timeout or now - outside_since < self._timeout:
+            return
         if now < self._next_look:
-            return False
+            return
         self._next_look = now + _LOOK_EVERY
         try:
             self._consumer.list_topics(timeout=2)
         except KafkaException:
-            return False  # Kafka does not answer: reconnecting is librdkafka's part
+            return  # Kafka does not answer: reconnecting is librdkafka's part
         logger.warning(
             "outside consumer group %r for %.0fs while Kafka answers (BRIDGE_REJOIN_TIMEOUT=%g): replacing the "
             "Kafka consumer, which joins the group afresh", self._group, now - outside_since, self._timeout,
         )
         self._consumer.replace()
         self._subscribe()
+        self._replaced_at = now
         self.replaced += 1
-        return True

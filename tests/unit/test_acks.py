@@ -156,21 +156,27 @@ def test_a_message_another_worker_fetched_meanwhile_keeps_its_body() -> None:
     assert broker.client.smembers(f"dramatiq:__acks__.other.{LANE}") == {b"m1"}
 
 
+def unreachable(count: int, linger: float) -> tuple[fakeredis.FakeServer, RedisBroker, Acks]:
+    """``count`` fetched messages acknowledged while the broker's Redis does not answer."""
+    server = fakeredis.FakeServer()
+    broker = RedisBroker(client=fakeredis.FakeRedis(server=server))
+    ids = fetched(broker, LANE, count)
+    acks = Acks(broker, linger=linger)
+    server.connected = False
+    for i in ids:
+        acks.add(LANE, i)
+    return server, broker, acks
+
+
 def test_acknowledgements_wait_out_an_unreachable_redis_and_are_written_when_it_is_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = fakeredis.FakeServer()
-    broker = RedisBroker(client=fakeredis.FakeRedis(server=server))
-    ids = fetched(broker, LANE, 5)
-    acks = Acks(broker, linger=0.01)
-    server.connected = False
+    caplog.set_level(logging.ERROR, logger="bridge.worker")
+    server, broker, acks = unreachable(5, linger=0.01)
     try:
-        with caplog.at_level(logging.ERROR, logger="bridge.worker"):
-            for i in ids:
-                acks.add(LANE, i)
-            deadline = time.monotonic() + 5
-            while "acknowledging 5 lane messages failed, retrying" not in caplog.text and time.monotonic() < deadline:
-                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while "acknowledging 5 lane messages failed, retrying" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert "acknowledging 5 lane messages failed, retrying" in caplog.text
         assert acks.pending() == 5, "held, not dropped"
         server.connected = True
@@ -187,13 +193,7 @@ def test_acknowledgements_wait_out_an_unreachable_redis_and_are_written_when_it_
 def test_a_shutdown_with_redis_unreachable_leaves_the_messages_to_dramatiq_and_returns(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = fakeredis.FakeServer()
-    broker = RedisBroker(client=fakeredis.FakeRedis(server=server))
-    ids = fetched(broker, LANE, 2)
-    acks = Acks(broker, linger=60.0)
-    for i in ids:
-        acks.add(LANE, i)
-    server.connected = False
+    server, broker, acks = unreachable(2, linger=60.0)
     began = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="bridge.worker"):
         acks.close()
