@@ -30,6 +30,8 @@ METHOD = [
     "2 processes x 8 threads, default dramatiq settings) and bridge subprocess (python -m bridge run "
     "tests.bench.actors); processes stopped, topics deleted and Redis flushed between runs.",
     "Comparisons alternate baseline and subject (A B A B ...); ratios are ratios of medians.",
+    "Before any scenario, kafka_warm_s of traffic at kafka_warm_rate records/s (linger.ms=0, one consumer) "
+    "warms the fresh broker's produce and fetch paths, so that no run pays for its JIT compiling them.",
     "Workers look for new lanes every 0.2 s (BRIDGE_LANE_REFRESH_INTERVAL=0.2); every other bridge setting "
     "is its default unless a scenario says otherwise.",
     "Handler completion is counted in memory per worker process and flushed to Redis every 20 ms by a "
@@ -62,7 +64,7 @@ METHOD = [
     "each record after p2_silence_s without any; the stock baseline sends plain_timed(send time) to the idle "
     "queue of workers started the same way (2 processes x 8 threads), the same way.",
     "P3: T5's method at each rate of p3_rates; the stock baseline paces send() of plain_timed(send time) at the "
-    "same rate from one thread; per rate the stock run comes first.",
+    "same rate from one thread; per rate, `repeat` rounds of the stock run then each mode; rows are medians.",
     "P4: CPU per record from /proc. Bridge: from the first dispatch to committed == end. Stock: worker processes "
     "SIGSTOPped while the messages are sent, SIGCONTed after; from the first send to the last handler end.",
     "P5 = T2's comparison, also as first handler start -> last handler end on both sides. P6 = T3, T3 on "
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     watch = CpuWatch()
     began = watch.mark()
     try:
-        with watch, Services(out.line) as services:
+        with watch, Services(out.line, params.kafka_warm_s, params.kafka_warm_rate) as services:
             machine_info = machine(services.redis_version())
             out.line("machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()))
             load["start"] = _check_load(out)

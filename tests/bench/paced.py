@@ -97,6 +97,8 @@ def latency_summary(
     ``t5_warmup_s`` after ``t_start`` left out; ``count`` were sent until ``t_produced``, and the
     handlers were waited for until ``t_waited``."""
     samples = [line.split() for line in bench.services.redis.lrange(LATENCY_KEY, 0, -1)]
+    # Kept beside the run's logs, so that a slow percentile can be placed in time.
+    (run.dir / "latencies.txt").write_text("".join(f"{ts} {lat}\n" for ts, lat in samples))
     cutoff_ms = (t_start + bench.p.t5_warmup_s) * 1000
     kept = sorted(float(lat) for ts, lat in samples if float(ts) >= cutoff_ms)
     # Records the handlers had not reached when the wait ended: all were produced after the

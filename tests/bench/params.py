@@ -60,6 +60,9 @@ class Params:
     #: P3: paced producer (and paced stock send()) at each rate, for t5_seconds, every mode.
     p3_rates: tuple[float, ...] = (200.0, 500.0)
     p3_orderings: tuple[str, ...] = ("none", "key", "partition")
+    #: Paced traffic through Kafka before any scenario, so that no run pays for the broker's JIT.
+    kafka_warm_s: float = 30.0
+    kafka_warm_rate: float = 500.0
     #: P4: CPU per record over a backlog, none mode, against stock dramatiq draining as many.
     p4_records: int = 50_000
     #: P7: partition mode over many partitions against 6 partitions, same record count.
@@ -106,6 +109,7 @@ class Params:
             p7_records=2_000,
             b1_records=6_000,
             c1_records=2_000,
+            kafka_warm_s=5.0,
         )
 
     def replace(self, overrides: dict[str, str]) -> Params:
