@@ -176,6 +176,7 @@ class Bridge:
         return True
 
     def _subscribe(self) -> None:
+        self.committer.new_client()  # a replaced consumer's commits in flight are never answered
         a = self.assignments
         self.consumer.subscribe(sorted(self.handlers), on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost)
 

@@ -93,6 +93,10 @@ class Committer:
                 self._confirm(result)
         self.prune()
 
+    def new_client(self) -> None:
+        """The consumer was replaced: the old one's commits in flight will never be answered."""
+        self._sent.clear()
+
     def target(self, owned: Owned, *, in_rebalance: bool = False) -> int | None:
         """The offset to commit for ``owned``: one past its done prefix, or None."""
         if owned.assignment.fenced:

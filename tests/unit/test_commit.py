@@ -60,6 +60,29 @@ def test_an_asynchronous_commit_counts_once_kafka_confirmed_it_and_is_not_repeat
     assert partition.marks.confirmed == 1
 
 
+def test_commits_a_replaced_consumer_never_answered_do_not_time_the_new_consumers() -> None:
+    partitions, stats, clock = Partitions(), Stats(), ManualClock()
+    metrics = Metrics(stats)
+    room = Committer(settings(), ledger(), partitions, clock, stats, metrics, None, lambda e: None)
+    old = room.consumer = FakeConsumer({"on_commit": room.on_commit})
+    partition = owned()
+    partitions.add(partition)
+    deliver(partition, 0, 1)
+    partition.state.mark_done([0])
+    room.commit(partitions, asynchronous=True)
+    assert old.commits, "sent; its answer would come with a poll of the old consumer, which never comes"
+    room.new_client()  # the consumer was replaced
+    new = room.consumer = FakeConsumer({"on_commit": room.on_commit})
+    clock.advance(120)
+    partition.state.mark_done([1])
+    partition.marks.requested = partition.marks.confirmed
+    room.commit(partitions, asynchronous=True)
+    clock.advance(0.25)
+    new.consume(1, 0)  # serves the commit report
+    timed = {s.name.rsplit("_", 1)[-1]: s.value for s in metrics.commit_duration.collect()[0].samples}
+    assert (timed["count"], timed["sum"]) == (1, 0.25), "timed from its own request"
+
+
 def test_a_failed_commit_is_asked_again_and_a_refused_one_stops_the_bridge() -> None:
     room, _, partitions, halted = committer()
     partition = owned()
