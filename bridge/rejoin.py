@@ -7,6 +7,13 @@ while the broker answered and its coordinator had removed the member. Nothing wa
 moved either. So the bridge watches: outside its group for ``BRIDGE_REJOIN_TIMEOUT`` while Kafka
 answers, it closes its consumer (it owns no partition then, so there is nothing to commit) and
 subscribes a new one, which joins afresh.
+
+Once per loss: a replaced consumer that is given no partition is not replaced again. With the
+``consumer`` group protocol (KIP-848) librdkafka calls no ``on_assign`` for a member given nothing
+(more bridges than partitions), and nothing else in the client tells such a member from one left
+outside (its statistics show the same ``join_state``); asking the group coordinator through an
+admin client is what tests/unit/test_kafka_clients.py rules out. Replacing it again would make it
+leave and join every timeout.
 """
 
 from __future__ import annotations
@@ -55,16 +62,15 @@ class Rejoin:
         self._group = group
         self._subscribe = subscribe
         self._next_look = 0.0
-        #: A replaced consumer is outside until its first assignment: the wait starts over.
-        self._replaced_at = 0.0
+        #: The loss (its ``outside_since``) the consumer was last replaced for.
+        self._replaced_for: float | None = None
         #: Consumers replaced so far.
         self.replaced = 0
 
     def check(self, now: float, outside_since: float) -> None:
-        """Replace the consumer if it has been outside the group since ``outside_since`` (or since
-        the last replacement) for longer than the timeout and Kafka answers."""
-        outside_since = max(outside_since, self._replaced_at)
-        if not self._timeout or now - outside_since < self._timeout:
+        """Replace the consumer if it has been outside the group since ``outside_since`` for longer
+        than the timeout and Kafka answers; once per loss."""
+        if not self._timeout or now - outside_since < self._timeout or outside_since == self._replaced_for:
             return
         if now < self._next_look:
             return
@@ -79,5 +85,5 @@ class Rejoin:
         )
         self._consumer.replace()
         self._subscribe()
-        self._replaced_at = now
+        self._replaced_for = outside_since
         self.replaced += 1

@@ -176,8 +176,8 @@ class Settings(WorkerSettings):
         description=(
             "Seconds the bridge may stay outside its consumer group after losing its partitions (a session "
             "timeout) while Kafka answers; then it replaces its Kafka consumer with a new one, which joins "
-            "afresh. 0: never. Keep it above `max.poll.interval.ms` plus `session.timeout.ms`, the longest an "
-            "ordinary rebalance takes."
+            "afresh (once per loss). 0: never. Keep it above `max.poll.interval.ms` plus `session.timeout.ms`, "
+            "the longest an ordinary rebalance takes."
         ),
     )
     shutdown_timeout: float = Field(

@@ -353,6 +353,31 @@ def test_a_bridge_left_outside_its_group_while_kafka_answers_replaces_its_consum
     assert len(world.consumers) == 2
 
 
+def test_a_bridge_replaces_its_consumer_once_per_loss(stub_broker: StubBroker) -> None:
+    # With the consumer group protocol a member given no partition (more bridges than partitions)
+    # hears no on_assign: after the one replacement it stays as it is, and only a new loss counts.
+    world = make_world(stub_broker, rejoin_timeout=30)
+    first = world.consumer
+    first.add(T, 0, 4)
+    first.grant((T, 0))
+    world.spin()
+    first.lose((T, 0))
+    world.spin()
+    for _ in range(5):
+        world.clock.advance(60)
+        world.spin()
+    assert len(world.consumers) == 2 and world.bridge.rejoin.replaced == 1, "not every timeout"
+    second = world.consumers[1]
+    second.add(T, 0, 4)
+    second.grant((T, 0))
+    world.spin()
+    second.lose((T, 0))
+    world.spin()
+    world.clock.advance(60)
+    world.spin()
+    assert len(world.consumers) == 3 and world.bridge.rejoin.replaced == 2, "a new loss"
+
+
 def test_a_bridge_whose_consumer_joins_within_the_rejoin_timeout_keeps_it(stub_broker: StubBroker) -> None:
     world = make_world(stub_broker, rejoin_timeout=30)
     world.consumer.add(T, 0, 4)
