@@ -152,10 +152,14 @@ class Services:
         try:
             consumer.subscribe([topic])
             began = time.monotonic()
+            next_progress = began + 10
             count = int(seconds * rate)
             for i in range(count):
                 if (delay := began + i / rate - time.monotonic()) > 0:
                     received += len(consumer.consume(num_messages=1000, timeout=delay))
+                if time.monotonic() >= next_progress:
+                    self._log(f"warming Kafka: {i:,}/{count:,} produced, {received:,} fetched")
+                    next_progress += 10
                 producer.produce(topic, b"%010d" % i + VALUE_PAD, partition=i % PARTITIONS)
                 producer.poll(0)
             if producer.flush(30):
