@@ -143,16 +143,19 @@ def p3(bench: Bench) -> None:
     p = bench.p
     for rate in p.p3_rates:
         what = f"at {rate:g} records/s for {p.t5_seconds:g} s, first {p.t5_warmup_s:g} s discarded"
+        runs = []
+        for name in ("stock", *p.p3_orderings):
+            subject = "stock dramatiq: paced send -> handler start" if name == "stock" else (
+                f"{name} mode: produce -> handler start")
+            p50 = bench.measurement(f"p3-{rate:g}-{name}-p50", f"{subject}, p50, {what}", "ms")
+            p99 = bench.measurement(f"p3-{rate:g}-{name}-p99", f"{subject}, p99, {what}", "ms")
+            if name == "stock":
+                body: Any = functools.partial(_stock_paced_once, bench, rate=rate)
+            else:
+                body = functools.partial(latency_once, bench, ordering=name, rate=rate)
+            runs.append((name, body, p50, p99))
         for i in range(p.repeat):
-            for name in ("stock", *p.p3_orderings):
-                subject = "stock dramatiq: paced send -> handler start" if name == "stock" else (
-                    f"{name} mode: produce -> handler start")
-                p50 = bench.measurement(f"p3-{rate:g}-{name}-p50", f"{subject}, p50, {what}", "ms")
-                p99 = bench.measurement(f"p3-{rate:g}-{name}-p99", f"{subject}, p99, {what}", "ms")
-                if name == "stock":
-                    body: Any = functools.partial(_stock_paced_once, bench, rate=rate)
-                else:
-                    body = functools.partial(latency_once, bench, ordering=name, rate=rate)
+            for name, body, p50, p99 in runs:
                 result = bench.attempt(f"P3 {name} at {rate:g}/s {i + 1}/{p.repeat}", body)
                 if result is not None:
                     add_to(p50, result, "p50_ms")

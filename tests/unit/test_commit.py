@@ -16,10 +16,13 @@ from tests.unit.fake_kafka import FakeConsumer
 from tests.unit.parts import T, deliver, ledger, owned, settings
 
 
-def committer(**overrides: Any) -> tuple[Committer, FakeConsumer, Partitions, list[FatalError]]:
-    partitions, stats, halted = Partitions(), Stats(), []
-    room = Committer(settings(**overrides), ledger(), partitions, ManualClock(), stats, Metrics(stats), None,
-                     halted.append)
+def committer(
+    clock: ManualClock | None = None, metrics: Metrics | None = None, **overrides: Any
+) -> tuple[Committer, FakeConsumer, Partitions, list[FatalError]]:
+    partitions, halted = Partitions(), []
+    metrics = metrics or Metrics(Stats())
+    room = Committer(settings(**overrides), ledger(), partitions, clock or ManualClock(), metrics.stats, metrics,
+                     None, halted.append)
     consumer = FakeConsumer({"on_commit": room.on_commit})
     room.consumer = consumer
     return room, consumer, partitions, halted
@@ -61,10 +64,8 @@ def test_an_asynchronous_commit_counts_once_kafka_confirmed_it_and_is_not_repeat
 
 
 def test_commits_a_replaced_consumer_never_answered_do_not_time_the_new_consumers() -> None:
-    partitions, stats, clock = Partitions(), Stats(), ManualClock()
-    metrics = Metrics(stats)
-    room = Committer(settings(), ledger(), partitions, clock, stats, metrics, None, lambda e: None)
-    old = room.consumer = FakeConsumer({"on_commit": room.on_commit})
+    clock, metrics = ManualClock(), Metrics(Stats())
+    room, old, partitions, _ = committer(clock=clock, metrics=metrics)
     partition = owned()
     partitions.add(partition)
     deliver(partition, 0, 1)
